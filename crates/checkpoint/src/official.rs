@@ -1,0 +1,324 @@
+//! Reading official state dicts: PyTorch zip `.pth`, legacy (pre-1.6) pickled `.pth`/`.pkl`, and
+//! safetensors. The format is recognised from the file's first bytes, not its name.
+
+use crate::error::CheckpointError;
+use crate::pickle::{self, StorageDtype, TensorRef, Value};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::io::Read;
+
+/// Named tensors in the file's order.
+pub type StateDict = Vec<(String, Tensor)>;
+
+/// The container format of a state-dict file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// `torch.save` zip archive (PyTorch ≥ 1.6).
+    TorchZip,
+    /// `torch.save(..., _use_new_zipfile_serialization=False)` and PyTorch < 1.6.
+    TorchLegacy,
+    /// safetensors.
+    Safetensors,
+}
+
+/// Recognises the format from the leading bytes.
+pub fn detect_format(bytes: &[u8], path: &str) -> Result<FileFormat, CheckpointError> {
+    if bytes.starts_with(b"PK\x03\x04") {
+        Ok(FileFormat::TorchZip)
+    } else if bytes.first() == Some(&0x80) {
+        Ok(FileFormat::TorchLegacy)
+    } else if bytes.len() >= 9 && bytes[8] == b'{' {
+        Ok(FileFormat::Safetensors)
+    } else {
+        Err(CheckpointError::format(
+            path,
+            "not a PyTorch (.pth zip or legacy pickle) or safetensors file",
+        ))
+    }
+}
+
+/// Reads every tensor of a state dict from `path`.
+pub fn read_state_dict(path: &str) -> Result<StateDict, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.to_string(),
+        source,
+    })?;
+    read_state_dict_bytes(&bytes, path)
+}
+
+/// Reads every tensor of a state dict held in memory (`path` is used in messages).
+pub fn read_state_dict_bytes(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
+    match detect_format(bytes, path)? {
+        FileFormat::Safetensors => read_safetensors(bytes, path),
+        FileFormat::TorchZip => read_zip(bytes, path),
+        FileFormat::TorchLegacy => read_legacy(bytes, path),
+    }
+}
+
+fn read_safetensors(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| CheckpointError::format(path, format!("invalid safetensors file: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| CheckpointError::format(path, format!("tensor {name}: {e}")))?;
+        out.push((name, t));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn read_zip(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
+    let zerr = |e: zip::result::ZipError| {
+        CheckpointError::format(path, format!("corrupt zip archive: {e}"))
+    };
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(zerr)?;
+    let pkl_name = archive
+        .file_names()
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with("data.pkl"))
+        .map(|n| n.to_string())
+        .ok_or_else(|| {
+            CheckpointError::format(path, "zip archive has no data.pkl: not a torch.save file")
+        })?;
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+    if let Ok(mut f) = archive.by_name(&format!("{prefix}byteorder")) {
+        let mut order = String::new();
+        f.read_to_string(&mut order)
+            .map_err(|e| CheckpointError::format(path, format!("byteorder: {e}")))?;
+        if order.trim() != "little" {
+            return Err(CheckpointError::format(
+                path,
+                format!("byte order '{}' is not supported", order.trim()),
+            ));
+        }
+    }
+    let mut read_entry = |name: &str| -> Result<Vec<u8>, CheckpointError> {
+        let mut f = archive
+            .by_name(name)
+            .map_err(|e| CheckpointError::format(path, format!("entry {name}: {e}")))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+            .map_err(|e| CheckpointError::format(path, format!("entry {name}: {e}")))?;
+        Ok(buf)
+    };
+    let pkl = read_entry(&pkl_name)?;
+    let mut pos = 0;
+    let root = pickle::load(&pkl, &mut pos).map_err(|source| CheckpointError::Pickle {
+        path: path.to_string(),
+        source,
+    })?;
+    let refs = tensor_refs(root, path)?;
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut out = Vec::with_capacity(refs.len());
+    for (name, r) in refs {
+        if !storages.contains_key(&r.storage_key) {
+            let data = read_entry(&format!("{prefix}data/{}", r.storage_key))?;
+            storages.insert(r.storage_key.clone(), data);
+        }
+        out.push((
+            name.clone(),
+            materialize(&r, &storages[&r.storage_key], &name, path)?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Legacy magic number 0x1950a86a20f9469cfc6c, as pickled by torch (little-endian LONG1 bytes).
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+
+fn read_legacy(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
+    let perr = |source| CheckpointError::Pickle {
+        path: path.to_string(),
+        source,
+    };
+    let mut pos = 0;
+    match pickle::load(bytes, &mut pos).map_err(perr)? {
+        Value::BigInt(b) if b == LEGACY_MAGIC => {}
+        _ => {
+            return Err(CheckpointError::format(
+                path,
+                "pickle file is not a torch.save file (bad magic number)",
+            ))
+        }
+    }
+    match pickle::load(bytes, &mut pos).map_err(perr)? {
+        Value::Int(1001) => {}
+        other => {
+            return Err(CheckpointError::format(
+                path,
+                format!("unsupported legacy protocol version {other:?}"),
+            ))
+        }
+    }
+    if let Value::Dict(info) = pickle::load(bytes, &mut pos).map_err(perr)? {
+        let little = info
+            .iter()
+            .find(|(k, _)| *k == Value::Str("little_endian".into()))
+            .map(|(_, v)| v.clone());
+        if little == Some(Value::Bool(false)) {
+            return Err(CheckpointError::format(
+                path,
+                "big-endian legacy files are not supported",
+            ));
+        }
+    }
+    let root = pickle::load(bytes, &mut pos).map_err(perr)?;
+    let keys = match pickle::load(bytes, &mut pos).map_err(perr)? {
+        Value::List(keys) => keys,
+        _ => {
+            return Err(CheckpointError::format(
+                path,
+                "legacy storage key list is missing",
+            ))
+        }
+    };
+    let refs = tensor_refs(root, path)?;
+    let dtype_of: HashMap<&str, StorageDtype> = refs
+        .iter()
+        .map(|(_, r)| (r.storage_key.as_str(), r.dtype))
+        .collect();
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    for key in keys {
+        let Value::Str(key) = key else {
+            return Err(CheckpointError::format(
+                path,
+                "legacy storage key is not a string",
+            ));
+        };
+        let dtype = *dtype_of.get(key.as_str()).ok_or_else(|| {
+            CheckpointError::format(path, format!("storage {key} is not used by any tensor"))
+        })?;
+        let header = bytes.get(pos..pos + 8).ok_or_else(|| {
+            CheckpointError::format(path, format!("truncated before storage {key}"))
+        })?;
+        let numel = u64::from_le_bytes(header.try_into().unwrap()) as usize;
+        pos += 8;
+        let n = numel
+            .checked_mul(dtype.size())
+            .ok_or_else(|| CheckpointError::format(path, "storage size overflows"))?;
+        let data = bytes.get(pos..pos + n).ok_or_else(|| {
+            CheckpointError::format(
+                path,
+                format!(
+                    "truncated: storage {key} needs {n} bytes, {} left",
+                    bytes.len() - pos
+                ),
+            )
+        })?;
+        pos += n;
+        storages.insert(key, data.to_vec());
+    }
+    refs.into_iter()
+        .map(|(name, r)| {
+            let data = storages.get(&r.storage_key).ok_or_else(|| {
+                CheckpointError::format(
+                    path,
+                    format!("tensor {name}: storage {} missing", r.storage_key),
+                )
+            })?;
+            Ok((name.clone(), materialize(&r, data, &name, path)?))
+        })
+        .collect()
+}
+
+/// The (name, tensor reference) pairs of a state dict, accepting a bare state dict or a training
+/// checkpoint holding one under "state_dict".
+fn tensor_refs(root: Value, path: &str) -> Result<Vec<(String, TensorRef)>, CheckpointError> {
+    let Value::Dict(mut items) = root else {
+        return Err(CheckpointError::format(
+            path,
+            "top-level object is not a dict",
+        ));
+    };
+    let nested = items
+        .iter()
+        .position(|(k, v)| *k == Value::Str("state_dict".into()) && matches!(v, Value::Dict(_)));
+    if let Some(i) = nested {
+        if let (_, Value::Dict(inner)) = items.swap_remove(i) {
+            items = inner;
+        }
+    }
+    items
+        .into_iter()
+        .map(|(k, v)| match (k, v) {
+            (Value::Str(k), Value::Tensor(t)) => Ok((k, t)),
+            (Value::Str(k), other) => Err(CheckpointError::format(
+                path,
+                format!("key {k} holds {} instead of a tensor", kind(&other)),
+            )),
+            (k, _) => Err(CheckpointError::format(
+                path,
+                format!("non-string key {k:?}"),
+            )),
+        })
+        .collect()
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Dict(_) => "a dict",
+        Value::List(_) => "a list",
+        Value::Tuple(_) => "a tuple",
+        Value::Int(_) | Value::BigInt(_) => "an int",
+        Value::Float(_) => "a float",
+        Value::Str(_) => "a string",
+        _ => "a non-tensor value",
+    }
+}
+
+/// Copies the (possibly strided) elements of `r` out of its storage into a contiguous tensor.
+fn materialize(
+    r: &TensorRef,
+    storage: &[u8],
+    name: &str,
+    path: &str,
+) -> Result<Tensor, CheckpointError> {
+    let es = r.dtype.size();
+    let err = |m: String| CheckpointError::format(path, format!("tensor {name}: {m}"));
+    if storage.len() < r.storage_numel * es {
+        return Err(err(format!(
+            "storage holds {} bytes, expected {}",
+            storage.len(),
+            r.storage_numel * es
+        )));
+    }
+    let numel: usize = r.shape.iter().product();
+    let mut out = Vec::with_capacity(numel * es);
+    if numel > 0 {
+        let last = r.offset
+            + r.shape
+                .iter()
+                .zip(&r.stride)
+                .map(|(d, s)| (d - 1) * s)
+                .sum::<usize>();
+        if last >= r.storage_numel {
+            return Err(err(format!(
+                "view reaches element {last} of a storage of {}",
+                r.storage_numel
+            )));
+        }
+        let mut idx = vec![0usize; r.shape.len()];
+        for _ in 0..numel {
+            let e = r.offset + idx.iter().zip(&r.stride).map(|(i, s)| i * s).sum::<usize>();
+            out.extend_from_slice(&storage[e * es..(e + 1) * es]);
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < r.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+    }
+    let dtype = match r.dtype {
+        StorageDtype::F32 => DType::F32,
+        StorageDtype::F64 => DType::F64,
+        StorageDtype::F16 => DType::F16,
+        StorageDtype::BF16 => DType::BF16,
+        StorageDtype::I64 => DType::I64,
+        StorageDtype::U8 => DType::U8,
+        other => return Err(err(format!("element type {other:?} is not supported"))),
+    };
+    Tensor::from_raw_buffer(&out, dtype, &r.shape, &Device::Cpu).map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,4 @@
+//! The `mdeq` command-line tool's commands, as a library so tests can drive them.
+
+pub mod info;
+pub mod parity;

@@ -1,0 +1,144 @@
+//! `mdeq`: Multiscale Deep Equilibrium Models from the command line.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use mdeq::{info, parity};
+use mdeq_checkpoint::{format, import, official};
+use mdeq_model::{ExperimentConfig, Mdeq};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "mdeq",
+    version,
+    about = "Multiscale Deep Equilibrium Models (MDEQ) in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    F32,
+    F64,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F64 => DType::F64,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture summary, parameter count and solver state size of a config, preset or checkpoint.
+    Info {
+        /// A TOML config, an official YAML, a preset name (e.g. cifar-tiny) or an mdeq checkpoint.
+        target: String,
+    },
+    /// Converts an official state dict (.pth zip, legacy .pth/.pkl, safetensors) into an mdeq checkpoint.
+    Import {
+        /// The experiment config (TOML, official YAML or preset name) the weights belong to.
+        #[arg(long)]
+        config: String,
+        /// The official weights file.
+        file: String,
+        /// Output checkpoint (.safetensors).
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Checks our model against reference tensors from the official code, tensor by tensor.
+    Parity {
+        /// The experiment config (TOML, official YAML or preset name).
+        #[arg(long)]
+        config: String,
+        /// Weights: official state dict in any supported format, or an mdeq checkpoint.
+        #[arg(long)]
+        weights: String,
+        /// Reference tensors (io.safetensors / io_f64.safetensors).
+        #[arg(long)]
+        io: String,
+        /// Overrides every relative tolerance.
+        #[arg(long)]
+        tol_rel: Option<f64>,
+        /// Precision our model computes in.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
+    },
+    /// Lists the built-in presets named after the official experiments.
+    Presets,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { target } => {
+            let cfg = if target.ends_with(".safetensors") && std::path::Path::new(&target).exists()
+            {
+                let bytes = std::fs::read(&target).with_context(|| format!("reading {target}"))?;
+                format::read_config(&bytes, &target)?
+            } else {
+                ExperimentConfig::load(&target)?
+            };
+            let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+            print!("{}", info::summary(&cfg, &model));
+        }
+        Command::Import { config, file, out } => {
+            let cfg = ExperimentConfig::load(&config)?;
+            let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+            let entries = official::read_state_dict(&file)?;
+            let (_, dropped) = import::normalize_keys(entries.clone());
+            import::load_into(&model, entries, &file)?;
+            format::save(&out, &model, &cfg)?;
+            println!(
+                "imported {} tensors from {file} into {} ({} ignored: fullstage_copy/deq/loss entries)",
+                model.store().entries().len(),
+                out.display(),
+                dropped.len()
+            );
+        }
+        Command::Parity {
+            config,
+            weights,
+            io,
+            tol_rel,
+            precision,
+        } => {
+            let cfg = ExperimentConfig::load(&config)?;
+            let opts = parity::ParityOptions {
+                tol_rel,
+                dtype: precision.dtype(),
+            };
+            let rows = parity::run(&cfg, &weights, &io, &opts)?;
+            if !parity::print_report(&rows) {
+                bail!("parity check failed");
+            }
+        }
+        Command::Presets => {
+            for (name, _) in mdeq_model::config::presets::PRESETS {
+                let cfg = mdeq_model::config::presets::preset_or_error(name)?;
+                println!(
+                    "{name:<20} {}",
+                    cfg.model
+                        .num_channels
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! `mdeq parity`: compares our model, tensor by tensor, with reference tensors produced by the
+//! official PyTorch code (the fixture layout of `shared/fixtures/*/io*.safetensors`).
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use mdeq_model::nn::bilinear_resize;
+use mdeq_model::{ExperimentConfig, Mdeq, Task};
+use std::collections::HashMap;
+
+/// Outcome of one comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Within tolerance.
+    Pass,
+    /// Outside tolerance.
+    Fail,
+    /// Not checked, with the reason.
+    Skipped(String),
+}
+
+/// One row of the parity report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Reference tensor name.
+    pub name: String,
+    /// max |ours − reference|.
+    pub max_abs_err: f64,
+    /// max_abs_err / max |reference|.
+    pub max_rel_err: f64,
+    /// Allowed max_abs_err.
+    pub tolerance: f64,
+    /// Pass, fail or skipped.
+    pub status: Status,
+}
+
+/// Parity options.
+#[derive(Debug, Clone)]
+pub struct ParityOptions {
+    /// Overrides every relative tolerance.
+    pub tol_rel: Option<f64>,
+    /// Float type our model computes in.
+    pub dtype: DType,
+}
+
+impl Default for ParityOptions {
+    fn default() -> Self {
+        Self {
+            tol_rel: None,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// (relative tolerance vs max|ref|, absolute floor) for a reference tensor, from the fixture
+/// README's recommendations; doubled when the reference itself is float32.
+fn tolerance_for(name: &str, task: Task, ref_is_f32: bool) -> (f64, f64) {
+    let (rtol, atol) = if name.starts_with("grad.") {
+        (1e-3, 2e-6)
+    } else if name.starts_with("train.logits") {
+        (5e-5, 1e-6)
+    } else if name.starts_with("logits") {
+        (
+            if task == Task::Segmentation {
+                1e-4
+            } else {
+                5e-5
+            },
+            1e-6,
+        )
+    } else {
+        (1e-5, 1e-6)
+    };
+    let k = if ref_is_f32 { 2.0 } else { 1.0 };
+    (rtol * k, atol * k)
+}
+
+fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+/// Compares `ours` with `reference` (shape and values).
+pub fn compare(
+    name: &str,
+    ours: &Tensor,
+    reference: &Tensor,
+    task: Task,
+    tol_rel: Option<f64>,
+) -> Result<Row> {
+    let ref_is_f32 = reference.dtype() != DType::F64;
+    if ours.dims() != reference.dims() {
+        return Ok(Row {
+            name: name.into(),
+            max_abs_err: f64::INFINITY,
+            max_rel_err: f64::INFINITY,
+            tolerance: 0.0,
+            status: Status::Skipped(format!(
+                "shape mismatch: ours {:?}, reference {:?}",
+                ours.dims(),
+                reference.dims()
+            )),
+        })
+        .map(|mut r| {
+            r.status = Status::Fail;
+            r
+        });
+    }
+    let reference = reference.to_dtype(DType::F64)?;
+    let ours = ours.to_dtype(DType::F64)?.to_device(reference.device())?;
+    let err = max_abs(&(&ours - &reference)?)?;
+    let scale = max_abs(&reference)?;
+    let (rtol, atol) = tolerance_for(name, task, ref_is_f32);
+    let rtol = tol_rel.unwrap_or(rtol);
+    let tolerance = (rtol * scale).max(atol);
+    let rel = if scale > 0.0 { err / scale } else { err };
+    let ok = err.is_finite() && err <= tolerance;
+    Ok(Row {
+        name: name.into(),
+        max_abs_err: err,
+        max_rel_err: rel,
+        tolerance,
+        status: if ok { Status::Pass } else { Status::Fail },
+    })
+}
+
+fn skipped(name: &str, reason: &str) -> Row {
+    Row {
+        name: name.into(),
+        max_abs_err: f64::NAN,
+        max_rel_err: f64::NAN,
+        tolerance: f64::NAN,
+        status: Status::Skipped(reason.into()),
+    }
+}
+
+/// Reference tensors of an io file, and how many branches they hold.
+struct Reference {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+    fn branches(&self, prefix: &str) -> Vec<Tensor> {
+        (0..)
+            .map_while(|i| self.tensors.get(&format!("{prefix}.{i}")).cloned())
+            .collect()
+    }
+    fn names_with(&self, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Runs every path that `io` has references for and returns one row per reference tensor.
+pub fn run(
+    config: &ExperimentConfig,
+    weights: &str,
+    io: &str,
+    opts: &ParityOptions,
+) -> Result<Vec<Row>> {
+    let device = Device::Cpu;
+    let model = Mdeq::new(&config.model, opts.dtype, &device, 0)?;
+    let state = mdeq_checkpoint::read_state_dict(weights)?;
+    mdeq_checkpoint::import::load_into(&model, state, weights)?;
+    let tensors = candle_core::safetensors::load(io, &device)
+        .with_context(|| format!("reading reference tensors {io}"))?;
+    let reference = Reference { tensors };
+    let task = config.model.task;
+    let cast = |t: &Tensor| t.to_dtype(opts.dtype);
+    let mut rows = Vec::new();
+    let check = |rows: &mut Vec<Row>, name: &str, ours: &Tensor| -> Result<()> {
+        if let Some(r) = reference.get(name) {
+            rows.push(compare(name, ours, r, task, opts.tol_rel)?);
+        }
+        Ok(())
+    };
+
+    let x = cast(
+        reference
+            .get("x")
+            .context("reference file has no input tensor 'x'")?,
+    )?;
+
+    // Eval path: injection, one cell application, head on the reference equilibrium.
+    let injection = model.injection(&x, false)?;
+    for (i, t) in injection.iter().enumerate() {
+        check(&mut rows, &format!("injection.{i}"), t)?;
+    }
+    let z0: Vec<Tensor> = reference
+        .branches("z0")
+        .iter()
+        .map(cast)
+        .collect::<candle_core::Result<_>>()?;
+    if !z0.is_empty() {
+        let cell = model.cell().prepared(true)?;
+        let masks = model.dropout_masks(x.dim(0)?, false, &mut rand::thread_rng())?;
+        let fz0 = cell.forward(&z0, &injection, &masks)?;
+        for (i, t) in fz0.iter().enumerate() {
+            check(&mut rows, &format!("f_z0.{i}"), t)?;
+        }
+    }
+    let zstar_ref: Vec<Tensor> = reference
+        .branches("zstar")
+        .iter()
+        .map(cast)
+        .collect::<candle_core::Result<_>>()?;
+    if !zstar_ref.is_empty() {
+        let logits = model.head(&zstar_ref, false)?;
+        let (_, _, h, w) = x.dims4()?;
+        for (name, ours) in [
+            ("logits".to_string(), logits.clone()),
+            (
+                "logits_full_ac_true".to_string(),
+                upsample_if(task, &logits, h, w, true)?,
+            ),
+            (
+                "logits_full_ac_false".to_string(),
+                upsample_if(task, &logits, h, w, false)?,
+            ),
+        ] {
+            if let Some(r) = reference.get(&name) {
+                let mut row = compare(
+                    &format!("{name} [head on reference zstar]"),
+                    &ours,
+                    r,
+                    task,
+                    opts.tol_rel,
+                )?;
+                row.name = format!("{name} [head on reference zstar]");
+                rows.push(row);
+            }
+        }
+    }
+    let solver_reason = "needs the DEQ engine (forward solver / implicit backward), not built yet";
+    for name in reference.names_with("zstar.") {
+        rows.push(skipped(&name, solver_reason));
+    }
+    for name in ["logits", "logits_full_ac_true", "logits_full_ac_false"] {
+        if reference.get(name).is_some() {
+            rows.push(skipped(name, solver_reason));
+        }
+    }
+    for name in reference
+        .names_with("train.")
+        .into_iter()
+        .chain(reference.names_with("grad."))
+    {
+        if name != "train.labels" {
+            rows.push(skipped(&name, solver_reason));
+        }
+    }
+    Ok(rows)
+}
+
+fn upsample_if(
+    task: Task,
+    logits: &Tensor,
+    h: usize,
+    w: usize,
+    align_corners: bool,
+) -> Result<Tensor> {
+    Ok(match task {
+        Task::Segmentation => bilinear_resize(logits, h, w, align_corners)?,
+        Task::Classification => logits.clone(),
+    })
+}
+
+/// Prints the report as a table; returns true when nothing failed.
+pub fn print_report(rows: &[Row]) -> bool {
+    println!(
+        "{:<62} {:>12} {:>12} {:>12}  status",
+        "tensor", "max abs err", "max rel err", "tolerance"
+    );
+    let mut ok = true;
+    let (mut pass, mut fail, mut skip) = (0, 0, 0);
+    for r in rows {
+        let status = match &r.status {
+            Status::Pass => {
+                pass += 1;
+                "PASS".to_string()
+            }
+            Status::Fail => {
+                fail += 1;
+                ok = false;
+                "FAIL".to_string()
+            }
+            Status::Skipped(why) => {
+                skip += 1;
+                format!("SKIPPED ({why})")
+            }
+        };
+        println!(
+            "{:<62} {:>12.3e} {:>12.3e} {:>12.3e}  {status}",
+            r.name, r.max_abs_err, r.max_rel_err, r.tolerance
+        );
+    }
+    println!("parity: {pass} passed, {fail} failed, {skip} skipped");
+    ok
+}

@@ -1,0 +1,274 @@
+//! Reader for the official MDEQ-Vision yacs YAML experiment files.
+//!
+//! A yacs file is merged over the official defaults (`lib/config/default.py`,
+//! `lib/config/models.py`), so a missing key takes the official default here too. Keys that only
+//! matter to other HRNet tasks (pose joints, heatmaps, ...) are accepted and ignored, as yacs does.
+
+use super::{
+    ClassificationHeadConfig, ConfigError, DataConfig, DeqConfig, ExperimentConfig, ModelConfig,
+    OptimizerKind, SegmentationHeadConfig, StopMode, Task, TrainConfig,
+};
+use serde_yaml::Value;
+
+struct Yaml<'a> {
+    root: Value,
+    origin: &'a str,
+}
+
+impl<'a> Yaml<'a> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        let mut v = &self.root;
+        for part in key.split('.') {
+            v = v.get(part)?;
+        }
+        Some(v)
+    }
+
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            path: self.origin.to_string(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v:?}"))),
+        }
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v:?}"))
+            }),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("expected true/false, found {v:?}"))),
+        }
+    }
+
+    fn str_or(&self, key: &str, default: &str) -> Result<String, ConfigError> {
+        match self.get(key) {
+            None => Ok(default.to_string()),
+            Some(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v:?}"))),
+        }
+    }
+
+    fn usizes_or(&self, key: &str, default: &[usize]) -> Result<Vec<usize>, ConfigError> {
+        match self.get(key) {
+            None => Ok(default.to_vec()),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                        self.err(key, format!("expected a list of integers, found {v:?}"))
+                    })
+                })
+                .collect(),
+            Some(v) => Err(self.err(key, format!("expected a list, found {v:?}"))),
+        }
+    }
+
+    fn list_len_or(&self, key: &str, default: usize) -> usize {
+        match self.get(key) {
+            Some(Value::Sequence(items)) => items.len(),
+            _ => default,
+        }
+    }
+}
+
+/// Parses an official yacs YAML file into our typed config (official defaults fill the gaps).
+pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, ConfigError> {
+    let root: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    if !root.is_mapping() {
+        return Err(ConfigError::Yaml {
+            path: origin.to_string(),
+            message: "top level is not a mapping".into(),
+        });
+    }
+    let y = Yaml { root, origin };
+    let fs = "MODEL.EXTRA.FULL_STAGE";
+
+    let dataset = y.str_or("DATASET.DATASET", "mpii")?;
+    let is_seg = dataset.eq_ignore_ascii_case("cityscapes")
+        || y.get("MODEL.EXTRA.FINAL_CONV_KERNEL").is_some();
+    let task = if is_seg {
+        Task::Segmentation
+    } else {
+        Task::Classification
+    };
+
+    let num_branches = y.usize_or(&format!("{fs}.NUM_BRANCHES"), 4)?;
+    let num_channels = y.usizes_or(&format!("{fs}.NUM_CHANNELS"), &[64, 128, 256, 512])?;
+    if num_channels.len() != num_branches {
+        return Err(y.err(
+            &format!("{fs}.NUM_CHANNELS"),
+            format!(
+                "has {} entries but NUM_BRANCHES is {num_branches}",
+                num_channels.len()
+            ),
+        ));
+    }
+    let num_blocks = y.usizes_or(&format!("{fs}.NUM_BLOCKS"), &vec![1; num_branches])?;
+    let big_kernels = y.usizes_or(&format!("{fs}.BIG_KERNELS"), &vec![0; num_branches])?;
+    let module_count = y.usize_or(&format!("{fs}.NUM_MODULES"), 1)?;
+    if module_count != 1 {
+        return Err(y.err(
+            &format!("{fs}.NUM_MODULES"),
+            "only 1 module is supported (as in every official config)",
+        ));
+    }
+    for (key, want) in [("BLOCK", "BASIC"), ("FUSE_METHOD", "SUM")] {
+        let got = y.str_or(&format!("{fs}.{key}"), want)?;
+        if got != want {
+            return Err(y.err(
+                &format!("{fs}.{key}"),
+                format!("only {want} is supported, found {got}"),
+            ));
+        }
+    }
+    if y.bool_or("MODEL.CONV_INJECTION", false)? {
+        return Err(y.err(
+            "MODEL.CONV_INJECTION",
+            "convolutional injection is not part of MDEQ-Vision's model",
+        ));
+    }
+
+    let (num_classes, image_size, classification_head, segmentation_head) = match task {
+        Task::Classification => {
+            let size = y.usizes_or("MODEL.IMAGE_SIZE", &[256, 256])?;
+            (
+                y.usize_or("MODEL.NUM_CLASSES", 1000)?,
+                size,
+                Some(ClassificationHeadConfig {
+                    head_channels: y
+                        .usizes_or(&format!("{fs}.HEAD_CHANNELS"), &[32, 64, 128, 256])?,
+                    final_chansize: y.usize_or(&format!("{fs}.FINAL_CHANSIZE"), 2048)?,
+                }),
+                None,
+            )
+        }
+        Task::Segmentation => (
+            y.usize_or("DATASET.NUM_CLASSES", 1000)?,
+            y.usizes_or("TRAIN.IMAGE_SIZE", &[1024, 512])?,
+            None,
+            Some(SegmentationHeadConfig {
+                final_conv_kernel: y.usize_or("MODEL.EXTRA.FINAL_CONV_KERNEL", 1)?,
+            }),
+        ),
+    };
+    if image_size.len() != 2 {
+        return Err(y.err("IMAGE_SIZE", "expected [width, height]"));
+    }
+
+    let model = ModelConfig {
+        task,
+        num_channels,
+        num_blocks,
+        big_kernels,
+        expansion_factor: y.usize_or("MODEL.EXPANSION_FACTOR", 5)?,
+        num_groups: y.usize_or("MODEL.NUM_GROUPS", 4)?,
+        downsample_times: y.usize_or("MODEL.DOWNSAMPLE_TIMES", 2)?,
+        wnorm: y.bool_or("MODEL.WNORM", false)?,
+        dropout: y.f64_or("MODEL.DROPOUT", 0.0)?,
+        block_gn_affine: y.bool_or("MODEL.BLOCK_GN_AFFINE", true)?,
+        fuse_gn_affine: y.bool_or("MODEL.FUSE_GN_AFFINE", true)?,
+        post_gn_affine: y.bool_or("MODEL.POST_GN_AFFINE", true)?,
+        num_layers: y.usize_or("MODEL.NUM_LAYERS", 5)?,
+        num_classes,
+        // yacs sizes are width × height.
+        image_size: [image_size[1], image_size[0]],
+        in_channels: 3,
+        bn_momentum: None,
+        classification_head,
+        segmentation_head,
+    };
+
+    let stop_mode = match y.str_or("DEQ.STOP_MODE", "abs")?.as_str() {
+        "abs" => StopMode::Abs,
+        "rel" => StopMode::Rel,
+        other => {
+            return Err(y.err(
+                "DEQ.STOP_MODE",
+                format!("expected abs or rel, found {other}"),
+            ))
+        }
+    };
+    let deq = DeqConfig {
+        f_solver: y.str_or("DEQ.F_SOLVER", "broyden")?,
+        b_solver: y.str_or("DEQ.B_SOLVER", "broyden")?,
+        f_thres: y.usize_or("DEQ.F_THRES", 30)?,
+        b_thres: y.usize_or("DEQ.B_THRES", 40)?,
+        stop_mode,
+        eps: 1e-3,
+        pretrain_steps: y.usize_or("TRAIN.PRETRAIN_STEPS", 100_000)?,
+        rand_f_thres_delta: y.usize_or("DEQ.RAND_F_THRES_DELTA", 2)?,
+    };
+
+    let optimizer = match y
+        .str_or("TRAIN.OPTIMIZER", "adam")?
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "adam" => OptimizerKind::Adam,
+        "sgd" => OptimizerKind::Sgd,
+        other => {
+            return Err(y.err(
+                "TRAIN.OPTIMIZER",
+                format!("expected adam or sgd, found {other}"),
+            ))
+        }
+    };
+    let gpus = y.list_len_or("GPUS", 1).max(1);
+    let train = TrainConfig {
+        optimizer,
+        lr: y.f64_or("TRAIN.LR", 0.001)?,
+        weight_decay: y.f64_or("TRAIN.WD", 0.0001)?,
+        momentum: y.f64_or("TRAIN.MOMENTUM", 0.9)?,
+        nesterov: y.bool_or("TRAIN.NESTEROV", false)?,
+        epochs: y.usize_or("TRAIN.END_EPOCH", 140)?,
+        batch_size: y.usize_or("TRAIN.BATCH_SIZE_PER_GPU", 32)? * gpus,
+        augment: y.bool_or("DATASET.AUGMENT", true)?,
+        jac_loss_weight: y.f64_or("LOSS.JAC_LOSS_WEIGHT", 0.0)?,
+        jac_loss_freq: y.f64_or("LOSS.JAC_LOSS_FREQ", 0.0)?,
+        pretrain_jac_loss_weight: y.f64_or("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0.0)?,
+        jac_incremental: y.f64_or("LOSS.JAC_INCREMENTAL", 1e8)? as u64,
+        jac_stop_epoch: y.f64_or("LOSS.JAC_STOP_EPOCH", 1e8)? as u64,
+    };
+    let data = DataConfig {
+        dataset,
+        root: y.str_or("DATASET.ROOT", "")?,
+    };
+    let name = std::path::Path::new(origin)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("official")
+        .to_string();
+    let cfg = ExperimentConfig {
+        name,
+        model,
+        deq,
+        train,
+        data,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
