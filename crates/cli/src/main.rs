@@ -69,6 +69,12 @@ enum Command {
         /// Precision our model computes in.
         #[arg(long, value_enum, default_value = "f32")]
         precision: Precision,
+        /// Solver step limit (default: the fixture's meta.json, else the config).
+        #[arg(long)]
+        threshold: Option<usize>,
+        /// Solver tolerance (default: the fixture's meta.json, else the config).
+        #[arg(long)]
+        eps: Option<f64>,
     },
     /// Lists the built-in presets named after the official experiments.
     Presets,
@@ -114,9 +120,13 @@ fn run(cli: Cli) -> Result<()> {
             io,
             tol_rel,
             precision,
+            threshold,
+            eps,
         } => {
             let cfg = ExperimentConfig::load(&config)?;
             let opts = parity::ParityOptions {
+                threshold,
+                eps,
                 tol_rel,
                 dtype: precision.dtype(),
             };

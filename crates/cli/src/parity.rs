@@ -3,6 +3,8 @@
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
+use mdeq_deq::{Coupling, SolverKind};
+use mdeq_model::equilibrium::{eval_forward, train_gradients, DeqRuntime, Phase};
 use mdeq_model::nn::bilinear_resize;
 use mdeq_model::{ExperimentConfig, Mdeq, Task};
 use std::collections::HashMap;
@@ -36,6 +38,10 @@ pub struct Row {
 /// Parity options.
 #[derive(Debug, Clone)]
 pub struct ParityOptions {
+    /// Solver step limit for both directions; default: the fixture's meta.json, else the config.
+    pub threshold: Option<usize>,
+    /// Solver tolerance; default: the fixture's meta.json, else the config.
+    pub eps: Option<f64>,
     /// Overrides every relative tolerance.
     pub tol_rel: Option<f64>,
     /// Float type our model computes in.
@@ -45,6 +51,8 @@ pub struct ParityOptions {
 impl Default for ParityOptions {
     fn default() -> Self {
         Self {
+            threshold: None,
+            eps: None,
             tol_rel: None,
             dtype: DType::F32,
         }
@@ -242,25 +250,117 @@ pub fn run(
             }
         }
     }
-    let solver_reason = "needs the DEQ engine (forward solver / implicit backward), not built yet";
-    for name in reference.names_with("zstar.") {
-        rows.push(skipped(&name, solver_reason));
+    // DEQ eval path: our own equilibrium and the head on it.
+    let rt = runtime(config, io, opts)?;
+    let (logits, zstar, stats) = eval_forward(&model, &x, &rt)?;
+    for (i, t) in zstar.iter().enumerate() {
+        check(&mut rows, &format!("zstar.{i}"), t)?;
     }
-    for name in ["logits", "logits_full_ac_true", "logits_full_ac_false"] {
-        if reference.get(name).is_some() {
-            rows.push(skipped(name, solver_reason));
+    let (_, _, h, w) = x.dims4()?;
+    check(&mut rows, "logits", &logits)?;
+    check(
+        &mut rows,
+        "logits_full_ac_true",
+        &upsample_if(task, &logits, h, w, true)?,
+    )?;
+    check(
+        &mut rows,
+        "logits_full_ac_false",
+        &upsample_if(task, &logits, h, w, false)?,
+    )?;
+    eprintln!(
+        "eval forward: {} steps, lowest {:?} residual {:.3e}",
+        stats.steps,
+        config.deq.stop_mode,
+        stats.worst_lowest()
+    );
+
+    // Train path: BatchNorm in train mode, output f(z*), implicit backward.
+    if let Some(labels) = reference.get("train.labels") {
+        let labels = labels.to_dtype(DType::I64)?;
+        let loss_fn = |logits: &Tensor| candle_nn::loss::cross_entropy(logits, &labels);
+        let masks = vec![None; config.model.num_branches()];
+        let g = train_gradients(&model, &x, &masks, &loss_fn, &rt, Phase::Deq)?;
+        for (i, t) in g.injection.iter().enumerate() {
+            check(&mut rows, &format!("train.injection.{i}"), t)?;
+        }
+        for (i, t) in g.zstar.iter().enumerate() {
+            check(&mut rows, &format!("train.zstar.{i}"), t)?;
+        }
+        check(&mut rows, "train.logits", &g.logits)?;
+        check(&mut rows, "train.loss", &g.loss.reshape(1)?)?;
+        for (name, grad) in &g.grads {
+            let key = format!("grad.{name}");
+            match grad {
+                Some(t) => check(&mut rows, &key, t)?,
+                None if reference.get(&key).is_some() => rows.push(Row {
+                    name: key,
+                    max_abs_err: f64::INFINITY,
+                    max_rel_err: f64::INFINITY,
+                    tolerance: 0.0,
+                    status: Status::Fail,
+                }),
+                None => {}
+            }
+        }
+        for e in model.store().entries() {
+            check(
+                &mut rows,
+                &format!("train.bn_after.{}", e.name),
+                e.var.as_tensor(),
+            )?;
+        }
+        if let Some(b) = &g.backward_stats {
+            eprintln!(
+                "train backward: {} steps, lowest residual {:.3e}",
+                b.steps,
+                b.worst_lowest()
+            );
         }
     }
-    for name in reference
-        .names_with("train.")
-        .into_iter()
-        .chain(reference.names_with("grad."))
-    {
-        if name != "train.labels" {
-            rows.push(skipped(&name, solver_reason));
+    let checked: std::collections::HashSet<String> = rows
+        .iter()
+        .map(|r| r.name.split(' ').next().unwrap_or("").to_string())
+        .collect();
+    for name in reference.names_with("") {
+        let is_input = name == "x" || name == "train.labels" || name.starts_with("z0.");
+        if !is_input && !checked.contains(&name) {
+            rows.push(skipped(
+                &name,
+                "no computation in mdeq produces this tensor",
+            ));
         }
     }
     Ok(rows)
+}
+
+/// The official solver, whole-batch norms, with the thresholds the reference was produced with:
+/// options first, then `meta.json` beside the io file (`config.fixture_thres` / `fixture_eps`),
+/// then the experiment config.
+fn runtime(config: &ExperimentConfig, io: &str, opts: &ParityOptions) -> Result<DeqRuntime> {
+    let meta = std::path::Path::new(io).with_file_name("meta.json");
+    let meta: Option<serde_json::Value> = std::fs::read_to_string(&meta)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let from_meta = |k: &str| meta.as_ref().and_then(|m| m["config"][k].as_f64());
+    let mut deq = config.deq.clone();
+    deq.coupling = Coupling::Official;
+    deq.f_solver = "broyden".into();
+    deq.b_solver = "broyden".into();
+    deq.fallback.clear();
+    let thres = opts
+        .threshold
+        .or(from_meta("fixture_thres").map(|t| t as usize));
+    if let Some(t) = thres {
+        deq.f_thres = t;
+        deq.b_thres = t;
+    }
+    if let Some(e) = opts.eps.or(from_meta("fixture_eps")) {
+        deq.eps = e;
+    }
+    let rt = DeqRuntime::from_config(&deq)?;
+    debug_assert!(matches!(rt.forward_chain[0], SolverKind::Broyden { .. }));
+    Ok(rt)
 }
 
 fn upsample_if(

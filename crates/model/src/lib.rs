@@ -3,6 +3,7 @@
 
 pub mod cell;
 pub mod config;
+pub mod equilibrium;
 pub mod head;
 pub mod mdeq;
 pub mod nn;

@@ -263,15 +263,7 @@ impl ModelConfig {
     }
 }
 
-/// Which quantity the solvers' stopping rule looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopMode {
-    /// ‖f(z) − z‖.
-    Abs,
-    /// ‖f(z) − z‖ / ‖f(z)‖.
-    Rel,
-}
+pub use mdeq_deq::{BackwardMode, Coupling, StopMode};
 
 /// Equilibrium settings of an experiment (spec §3–4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -298,6 +290,25 @@ pub struct DeqConfig {
     /// Random F_THRES jitter on Jacobian-loss iterations.
     #[serde(default)]
     pub rand_f_thres_delta: usize,
+    /// Per-sample norms with freezing (default), or the official whole-batch norms.
+    #[serde(default = "default_coupling")]
+    pub coupling: Coupling,
+    /// How gradients reach the parameters in DEQ mode.
+    #[serde(default = "default_backward")]
+    pub backward: BackwardMode,
+    /// Solvers tried, in order, on samples the forward solver left unconverged.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// Cap on Broyden's stored (u, v) pairs (None: the threshold, as the official code).
+    #[serde(default)]
+    pub max_history_pairs: Option<usize>,
+}
+
+fn default_coupling() -> Coupling {
+    Coupling::PerSample
+}
+fn default_backward() -> BackwardMode {
+    BackwardMode::Ift
 }
 
 fn default_solver() -> String {

@@ -221,6 +221,10 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
         eps: 1e-3,
         pretrain_steps: y.usize_or("TRAIN.PRETRAIN_STEPS", 100_000)?,
         rand_f_thres_delta: y.usize_or("DEQ.RAND_F_THRES_DELTA", 2)?,
+        coupling: super::Coupling::PerSample,
+        backward: super::BackwardMode::Ift,
+        fallback: Vec::new(),
+        max_history_pairs: None,
     };
 
     let optimizer = match y

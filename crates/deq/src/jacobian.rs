@@ -1,0 +1,54 @@
+//! Jacobian diagnostics and regularisation at an equilibrium, from first-order products only.
+
+use candle_core::{DType, Result, Tensor};
+use rand::Rng;
+
+/// Spectral radius of J at z* by power iteration with VJPs (spec §4.5): v ← vJ / ‖vJ‖ per
+/// sample; returns the per-sample Rayleigh quotient |⟨vJ, v⟩| / ⟨v, v⟩ after `iterations` steps.
+pub fn spectral_radius(
+    vjp: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    v0: &Tensor,
+    iterations: usize,
+) -> Result<Vec<f64>> {
+    let normalise = |v: &Tensor| -> Result<Tensor> {
+        v.broadcast_div(&v.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-30, f64::MAX)?)
+    };
+    let mut v = normalise(v0)?;
+    let mut estimate = Vec::new();
+    for _ in 0..iterations.max(1) {
+        let w = vjp(&v)?;
+        let num = (&w * &v)?.sum(1)?.abs()?;
+        let den = v.sqr()?.sum(1)?;
+        estimate = (num / den)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        v = normalise(&w)?;
+    }
+    Ok(estimate)
+}
+
+/// Hutchinson estimate of ‖J‖²_F / (B·D) with `samples` Gaussian probes: E‖εᵀJ‖² = ‖J‖²_F.
+/// `vjp` must be differentiable w.r.t. the parameters for the result to train them.
+pub fn frobenius_sq_hutchinson(
+    vjp: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    like: &Tensor,
+    samples: usize,
+    rng: &mut impl Rng,
+) -> Result<Tensor> {
+    let (b, d) = like.dims2()?;
+    let mut total: Option<Tensor> = None;
+    for _ in 0..samples.max(1) {
+        let eps: Vec<f64> = (0..b * d).map(|_| gaussian(rng)).collect();
+        let eps = Tensor::from_vec(eps, (b, d), like.device())?.to_dtype(like.dtype())?;
+        let term = vjp(&eps)?.sqr()?.sum_all()?;
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term)?,
+        });
+    }
+    total.expect("at least one probe") / (samples.max(1) * b * d) as f64
+}
+
+fn gaussian(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.gen::<f64>();
+    let u2: f64 = rng.gen::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}

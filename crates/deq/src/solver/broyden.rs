@@ -1,0 +1,108 @@
+//! Limited-memory "good" Broyden, as the official `lib/solvers.py` (spec §3.2).
+//!
+//! The inverse Jacobian of g(z) = f(z) − z is estimated per sample as M = −I + Σ_k u_k v_kᵀ; the
+//! first step is therefore plain iteration z₁ = f(z₀). The history is capped by a number of pairs
+//! and/or bytes (the official code keeps all 2·B·D·T floats); the oldest pairs go first.
+
+use super::residual::ResidualTracker;
+use super::{FixedPointMap, Solution, SolverOptions};
+use candle_core::{Result, Tensor};
+use std::collections::VecDeque;
+
+/// Broyden-specific options.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BroydenOptions {
+    /// Maximum stored (u, v) pairs; None: the threshold.
+    pub max_pairs: Option<usize>,
+    /// Maximum bytes of stored pairs.
+    pub max_history_bytes: Option<usize>,
+}
+
+/// Per-sample dot products of (B, D) tensors, shaped (B, 1).
+fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    (a * b)?.sum_keepdim(1)
+}
+
+/// Replaces NaN entries by 0 (infinities are left alone, as in the official code).
+fn nan_to_zero(t: &Tensor) -> Result<Tensor> {
+    let is_num = t.eq(t)?;
+    is_num.where_cond(t, &t.zeros_like()?)
+}
+
+struct LowRank {
+    pairs: VecDeque<(Tensor, Tensor)>,
+    cap: usize,
+}
+
+impl LowRank {
+    /// M x = −x + Σ u_k (v_k · x).
+    fn matvec(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out = x.neg()?;
+        for (u, v) in &self.pairs {
+            out = (out + u.broadcast_mul(&dot(v, x)?)?)?;
+        }
+        Ok(out)
+    }
+
+    /// xᵀ M = −x + Σ (x · u_k) v_k.
+    fn rmatvec(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out = x.neg()?;
+        for (u, v) in &self.pairs {
+            out = (out + v.broadcast_mul(&dot(x, u)?)?)?;
+        }
+        Ok(out)
+    }
+
+    fn push(&mut self, u: Tensor, v: Tensor) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.pairs.len() == self.cap {
+            self.pairs.pop_front();
+        }
+        self.pairs.push_back((u, v));
+    }
+}
+
+/// Solves z = f(z) from `z0` (B, D).
+pub fn solve(
+    f: &mut dyn FixedPointMap,
+    z0: &Tensor,
+    opts: &SolverOptions,
+    bopts: &BroydenOptions,
+) -> Result<Solution> {
+    let (b, d) = z0.dims2()?;
+    let mut cap = bopts.max_pairs.unwrap_or(opts.threshold);
+    if let Some(bytes) = bopts.max_history_bytes {
+        cap = cap.min(bytes / (2 * b * d * z0.dtype().size_in_bytes()).max(1));
+    }
+    let mut history = LowRank {
+        pairs: VecDeque::new(),
+        cap,
+    };
+    let mut tracker = ResidualTracker::new("broyden", z0, opts, 1e-9)?;
+    let mut x = z0.clone();
+    let mut gx = (f.apply(&x)? - &x)?;
+    tracker.count_evaluation();
+    let mut update = gx.clone();
+    while tracker.stats_steps() < opts.threshold {
+        let mask = tracker.active_mask(&x)?;
+        let x_new = (&x + update.broadcast_mul(&mask)?)?;
+        let fx = f.apply(&x_new)?;
+        tracker.count_evaluation();
+        let g_new = (&fx - &x_new)?;
+        tracker.record(&x_new, &g_new, &fx)?;
+        if tracker.done() {
+            break;
+        }
+        let dx = (&x_new - &x)?;
+        let dg = (&g_new - &gx)?;
+        let vt = history.rmatvec(&dx)?;
+        let u = (&dx - history.matvec(&dg)?)?.broadcast_div(&dot(&vt, &dg)?)?;
+        history.push(nan_to_zero(&u)?, nan_to_zero(&vt)?);
+        update = history.matvec(&g_new)?.neg()?;
+        x = x_new;
+        gx = g_new;
+    }
+    Ok(tracker.finish())
+}

@@ -1,0 +1,233 @@
+//! Root finders for z = f(z) over a batched state (B, D).
+//!
+//! Every solver returns the lowest-residual iterate per sample with per-sample diagnostics. Norms
+//! are either per sample (the default: a sample's answer does not depend on the rest of the batch;
+//! converged samples are frozen) or [`Coupling::Official`], which reproduces the official code's
+//! whole-batch norms, stop rules and iterate choice exactly.
+
+pub mod anderson;
+pub mod broyden;
+pub mod fixed_point;
+mod residual;
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use residual::ResidualTracker;
+
+/// A map whose fixed point is sought; the state is (B, D).
+pub trait FixedPointMap {
+    /// Evaluates f(z).
+    fn apply(&mut self, z: &Tensor) -> Result<Tensor>;
+}
+
+impl<F: FnMut(&Tensor) -> Result<Tensor>> FixedPointMap for F {
+    fn apply(&mut self, z: &Tensor) -> Result<Tensor> {
+        self(z)
+    }
+}
+
+/// Which residual the stopping rule reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMode {
+    /// ‖f(z) − z‖.
+    Abs,
+    /// ‖f(z) − z‖ / ‖f(z)‖.
+    Rel,
+}
+
+/// How samples of a batch share norms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Coupling {
+    /// Norms per sample; converged samples are frozen.
+    PerSample,
+    /// Whole-batch norms, as the official code (for parity).
+    Official,
+}
+
+/// Settings shared by all solvers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverOptions {
+    /// Maximum number of steps (F_THRES / B_THRES).
+    pub threshold: usize,
+    /// Tolerance of the stop mode's residual.
+    pub eps: f64,
+    /// Residual the stopping rule reads.
+    pub stop_mode: StopMode,
+    /// Per-sample or official whole-batch norms.
+    pub coupling: Coupling,
+}
+
+impl SolverOptions {
+    /// Official-mode options (whole-batch norms).
+    pub fn official(threshold: usize, eps: f64, stop_mode: StopMode) -> Self {
+        Self {
+            threshold,
+            eps,
+            stop_mode,
+            coupling: Coupling::Official,
+        }
+    }
+}
+
+/// How a sample's solve ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleStatus {
+    /// Residual below eps (or the official stagnation rule fired).
+    Converged,
+    /// Ran out of steps.
+    MaxSteps,
+    /// Residual grew past the protective threshold; the best iterate is returned.
+    ProtectiveBreak,
+    /// NaN or Inf appeared; the best finite iterate is returned.
+    Diverged,
+}
+
+/// Per-sample diagnostics of one solve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SolverStats {
+    /// Solver name.
+    pub solver: String,
+    /// Evaluations of f.
+    pub evaluations: usize,
+    /// Steps taken (recorded residuals).
+    pub steps: usize,
+    /// abs residual per step, per sample (step-major).
+    pub abs_trace: Vec<Vec<f64>>,
+    /// rel residual per step, per sample.
+    pub rel_trace: Vec<Vec<f64>>,
+    /// Lowest stop-mode residual per sample.
+    pub lowest: Vec<f64>,
+    /// Step (1-based) of the lowest residual per sample (0: the initial guess).
+    pub lowest_step: Vec<usize>,
+    /// How each sample's solve ended.
+    pub status: Vec<SampleStatus>,
+}
+
+impl SolverStats {
+    /// The largest lowest-residual over the batch.
+    pub fn worst_lowest(&self) -> f64 {
+        self.lowest.iter().cloned().fold(0.0, f64::max)
+    }
+
+    /// True when every sample converged.
+    pub fn all_converged(&self) -> bool {
+        self.status.iter().all(|s| *s == SampleStatus::Converged)
+    }
+}
+
+/// A solver's answer: the chosen iterate and its diagnostics.
+#[derive(Debug, Clone)]
+pub struct Solution {
+    /// The lowest-residual iterate per sample, (B, D).
+    pub z: Tensor,
+    /// Diagnostics.
+    pub stats: SolverStats,
+}
+
+/// A solver by name, with its own parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SolverKind {
+    /// Limited-memory "good" Broyden (official).
+    Broyden {
+        /// Cap on stored (u, v) pairs; oldest pairs are dropped first. None: threshold.
+        #[serde(default)]
+        max_pairs: Option<usize>,
+        /// Cap on the bytes of stored pairs.
+        #[serde(default)]
+        max_history_bytes: Option<usize>,
+    },
+    /// Anderson acceleration.
+    Anderson {
+        /// History size m.
+        #[serde(default = "anderson::default_m")]
+        m: usize,
+        /// Tikhonov regularisation λ.
+        #[serde(default = "anderson::default_lambda")]
+        lambda: f64,
+        /// Mixing β.
+        #[serde(default = "anderson::default_beta")]
+        beta: f64,
+    },
+    /// Damped fixed-point iteration z ← τ f(z) + (1 − τ) z.
+    FixedPoint {
+        /// Damping τ.
+        #[serde(default = "fixed_point::default_tau")]
+        tau: f64,
+    },
+}
+
+impl SolverKind {
+    /// Parses `broyden`, `anderson`, `fixed_point` with default parameters.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "broyden" => Self::Broyden {
+                max_pairs: None,
+                max_history_bytes: None,
+            },
+            "anderson" => Self::Anderson {
+                m: anderson::default_m(),
+                lambda: anderson::default_lambda(),
+                beta: anderson::default_beta(),
+            },
+            "fixed_point" | "naive" => Self::FixedPoint {
+                tau: fixed_point::default_tau(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// Runs this solver from `z0`.
+    pub fn solve(
+        &self,
+        f: &mut dyn FixedPointMap,
+        z0: &Tensor,
+        opts: &SolverOptions,
+    ) -> Result<Solution> {
+        match *self {
+            Self::Broyden {
+                max_pairs,
+                max_history_bytes,
+            } => broyden::solve(
+                f,
+                z0,
+                opts,
+                &broyden::BroydenOptions {
+                    max_pairs,
+                    max_history_bytes,
+                },
+            ),
+            Self::Anderson { m, lambda, beta } => {
+                anderson::solve(f, z0, opts, &anderson::AndersonOptions { m, lambda, beta })
+            }
+            Self::FixedPoint { tau } => fixed_point::solve(f, z0, opts, tau),
+        }
+    }
+}
+
+/// Runs `chain[0]`, then each later solver from the current answer for as long as some sample
+/// has not converged, keeping per sample whichever answer has the lower residual.
+pub fn solve_with_fallback(
+    chain: &[SolverKind],
+    f: &mut dyn FixedPointMap,
+    z0: &Tensor,
+    opts: &SolverOptions,
+) -> Result<Solution> {
+    let (first, rest) = chain
+        .split_first()
+        .ok_or_else(|| candle_core::Error::Msg("empty solver chain".into()))?;
+    let mut best = first.solve(f, z0, opts)?;
+    for next in rest {
+        if best.stats.all_converged() {
+            break;
+        }
+        let other = next.solve(f, &best.z, opts)?;
+        best = residual::merge_better(best, other)?;
+    }
+    Ok(best)
+}

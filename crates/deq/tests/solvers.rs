@@ -1,0 +1,419 @@
+//! Solvers and backward modes on small analytic maps, in float64.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use mdeq_deq::solver::{solve_with_fallback, SampleStatus};
+use mdeq_deq::{adjoint, BackwardMode, Coupling, GraphVjp, SolverKind, SolverOptions, StopMode};
+
+const D: usize = 6;
+
+fn opts(threshold: usize, eps: f64) -> SolverOptions {
+    SolverOptions {
+        threshold,
+        eps,
+        stop_mode: StopMode::Abs,
+        coupling: Coupling::PerSample,
+    }
+}
+
+fn all_solvers() -> Vec<SolverKind> {
+    ["broyden", "anderson", "fixed_point"]
+        .iter()
+        .map(|n| SolverKind::from_name(n).unwrap())
+        .collect()
+}
+
+/// A (D, D) matrix with spectral norm below `scale`, deterministic.
+fn contraction(scale: f64) -> Vec<f64> {
+    let raw: Vec<f64> = (0..D * D)
+        .map(|k| ((k * 7 + 3) as f64 * 0.61).sin())
+        .collect();
+    let fro = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+    raw.iter().map(|x| x * scale / fro).collect()
+}
+
+fn linear_map(a: &[f64], b: &Tensor) -> impl FnMut(&Tensor) -> Result<Tensor> {
+    let at = Tensor::from_vec(a.to_vec(), (D, D), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let b = b.clone();
+    move |z: &Tensor| z.matmul(&at)?.broadcast_add(&b)
+}
+
+/// Solves (I − A) z = b by Gaussian elimination, independently of the solvers.
+fn direct_solve(a: &[f64], b: &[f64]) -> Vec<f64> {
+    let mut m: Vec<Vec<f64>> = (0..D)
+        .map(|i| {
+            (0..D)
+                .map(|j| if i == j { 1.0 } else { 0.0 } - a[i * D + j])
+                .chain([b[i]])
+                .collect()
+        })
+        .collect();
+    for c in 0..D {
+        let p = (c..D)
+            .max_by(|&x, &y| m[x][c].abs().total_cmp(&m[y][c].abs()))
+            .unwrap();
+        m.swap(c, p);
+        for r in 0..D {
+            if r != c {
+                let f = m[r][c] / m[c][c];
+                for k in c..=D {
+                    m[r][k] -= f * m[c][k];
+                }
+            }
+        }
+    }
+    (0..D).map(|i| m[i][D] / m[i][i]).collect()
+}
+
+#[test]
+fn every_solver_finds_the_fixed_point_of_a_linear_map() {
+    let a = contraction(0.8);
+    let bv: Vec<f64> = (0..D).map(|i| i as f64 * 0.3 - 0.7).collect();
+    let b = Tensor::from_vec(bv.clone(), (1, D), &Device::Cpu).unwrap();
+    let expected = direct_solve(&a, &bv);
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    for kind in all_solvers() {
+        let mut f = linear_map(&a, &b);
+        let sol = kind.solve(&mut f, &z0, &opts(200, 1e-11)).unwrap();
+        let z = sol.z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let err = z
+            .iter()
+            .zip(&expected)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-9, "{kind:?}: max error {err}");
+        assert_eq!(sol.stats.status, vec![SampleStatus::Converged], "{kind:?}");
+    }
+}
+
+#[test]
+fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() {
+    // Eigenvalues 0.97, 0.87, ...: plain iteration needs ~800 steps for 1e-10.
+    let a: Vec<f64> = (0..D * D)
+        .map(|k| {
+            if k % (D + 1) == 0 {
+                0.97 - 0.1 * (k / (D + 1)) as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let b = Tensor::ones((1, D), DType::F64, &Device::Cpu).unwrap();
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let run = |name: &str| {
+        let mut f = linear_map(&a, &b);
+        SolverKind::from_name(name)
+            .unwrap()
+            .solve(&mut f, &z0, &opts(2000, 1e-10))
+            .unwrap()
+            .stats
+            .steps
+    };
+    let (broyden, naive) = (run("broyden"), run("fixed_point"));
+    assert!(
+        broyden * 5 < naive,
+        "broyden {broyden} steps, fixed point {naive}"
+    );
+}
+
+#[test]
+fn per_sample_answers_do_not_depend_on_the_batch() {
+    let a = contraction(0.9);
+    let rows: Vec<Vec<f64>> = (0..3)
+        .map(|s| {
+            (0..D)
+                .map(|i| ((s * D + i) as f64).cos() * (s + 1) as f64)
+                .collect()
+        })
+        .collect();
+    let solve = |sample_rows: &[Vec<f64>]| {
+        let n = sample_rows.len();
+        let b = Tensor::from_vec(sample_rows.concat(), (n, D), &Device::Cpu).unwrap();
+        let at = Tensor::from_vec(a.clone(), (D, D), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        // b enters per sample, so batch composition changes each sample's neighbours only.
+        let mut f = |z: &Tensor| z.matmul(&at)? + &b;
+        let z0 = Tensor::zeros((n, D), DType::F64, &Device::Cpu).unwrap();
+        SolverKind::from_name("broyden")
+            .unwrap()
+            .solve(&mut f, &z0, &opts(100, 1e-8))
+            .unwrap()
+            .z
+            .to_vec2::<f64>()
+            .unwrap()
+    };
+    let alone = solve(&rows[..1]);
+    let together = solve(&rows);
+    let with_other = solve(&[rows[2].clone(), rows[0].clone()]);
+    assert_eq!(alone[0], together[0], "sample 0 alone vs in a batch of 3");
+    assert_eq!(
+        alone[0], with_other[1],
+        "sample 0 alone vs after another sample"
+    );
+}
+
+#[test]
+fn official_coupling_uses_whole_batch_norms() {
+    let a = contraction(0.5);
+    let b = Tensor::from_vec(
+        (0..2 * D).map(|i| i as f64).collect::<Vec<_>>(),
+        (2, D),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let at = Tensor::from_vec(a, (D, D), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let mut f = |z: &Tensor| z.matmul(&at)? + &b;
+    let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu).unwrap();
+    let o = SolverOptions {
+        coupling: Coupling::Official,
+        ..opts(30, 1e-6)
+    };
+    let sol = SolverKind::from_name("broyden")
+        .unwrap()
+        .solve(&mut f, &z0, &o)
+        .unwrap();
+    // The first step is z1 = f(0) = b, whose residual is f(b) − b = A b: check the batch norm.
+    let ab = b.matmul(&at).unwrap();
+    let expected = ab
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let first = &sol.stats.abs_trace[0];
+    assert!(
+        (first[0] - expected).abs() < 1e-12 && first[0] == first[1],
+        "{first:?} vs {expected}"
+    );
+}
+
+#[test]
+fn anderson_survives_a_rank_deficient_history() {
+    // All residuals lie on one line, so the Gram matrix of the history is rank one.
+    let dir = Tensor::from_vec(
+        (0..D).map(|i| (i + 1) as f64).collect::<Vec<_>>(),
+        (1, D),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut f = |z: &Tensor| (z * 0.5)? + &dir;
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let kind = SolverKind::Anderson {
+        m: 5,
+        lambda: 0.0,
+        beta: 1.0,
+    };
+    let sol = kind.solve(&mut f, &z0, &opts(50, 1e-9)).unwrap();
+    let expected = (&dir * 2.0).unwrap();
+    let err = (&sol.z - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(err < 1e-8, "error {err}");
+    assert_eq!(sol.stats.status[0], SampleStatus::Converged);
+}
+
+#[test]
+fn nan_is_reported_per_sample_and_never_returned() {
+    // Sample 1 produces NaN after the first step; sample 0 is a healthy contraction.
+    let mut calls = 0;
+    let mut f = |z: &Tensor| {
+        calls += 1;
+        let healthy = (z.narrow(0, 0, 1)? * 0.5)?.affine(1.0, 1.0)?;
+        let other = if calls > 1 {
+            z.narrow(0, 1, 1)?.affine(0.0, f64::NAN)?
+        } else {
+            z.narrow(0, 1, 1)?.affine(0.5, 1.0)?
+        };
+        Tensor::cat(&[healthy, other], 0)
+    };
+    let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu).unwrap();
+    let sol = SolverKind::from_name("broyden")
+        .unwrap()
+        .solve(&mut f, &z0, &opts(40, 1e-10))
+        .unwrap();
+    assert_eq!(sol.stats.status[0], SampleStatus::Converged);
+    assert_eq!(sol.stats.status[1], SampleStatus::Diverged);
+    let z = sol.z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert!(z.iter().all(|x| x.is_finite()), "{z:?}");
+}
+
+#[test]
+fn fallback_chain_rescues_an_unconverged_solve() {
+    let a = contraction(0.9);
+    let b = Tensor::ones((1, D), DType::F64, &Device::Cpu).unwrap();
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let chain = vec![
+        SolverKind::from_name("fixed_point").unwrap(),
+        SolverKind::from_name("broyden").unwrap(),
+    ];
+    let mut f = linear_map(&a, &b);
+    let sol = solve_with_fallback(&chain, &mut f, &z0, &opts(5, 1e-10)).unwrap();
+    let mut g = linear_map(&a, &b);
+    let only_first = chain[0].solve(&mut g, &z0, &opts(5, 1e-10)).unwrap();
+    assert_ne!(only_first.stats.status[0], SampleStatus::Converged);
+    assert!(
+        sol.stats.lowest[0] < only_first.stats.lowest[0] * 1e-3,
+        "{} vs {}",
+        sol.stats.lowest[0],
+        only_first.stats.lowest[0]
+    );
+    assert_eq!(sol.stats.solver, "fixed_point+broyden");
+}
+
+/// L(θ) = c · z*(θ) for z* = tanh(W z* + U x + θ); returns (L, dL/dθ by the IFT).
+fn tanh_deq(theta: &[f64], w_scale: f64, mode: &BackwardMode) -> (f64, Vec<f64>) {
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(contraction(w_scale), (D, D), &dev)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let ux = Tensor::from_vec(
+        (0..D).map(|i| (i as f64 * 1.3).sin()).collect::<Vec<_>>(),
+        (1, D),
+        &dev,
+    )
+    .unwrap();
+    let c = Tensor::from_vec(
+        (0..D).map(|i| 1.0 + i as f64 * 0.1).collect::<Vec<_>>(),
+        (1, D),
+        &dev,
+    )
+    .unwrap();
+    let th = Var::from_vec(theta.to_vec(), (1, D), &dev).unwrap();
+    let th_d = th.as_tensor().detach();
+    let mut f = |z: &Tensor| (z.matmul(&w)? + &ux)?.broadcast_add(&th_d)?.tanh();
+    let z0 = Tensor::zeros((1, D), DType::F64, &dev).unwrap();
+    let kind = SolverKind::from_name("broyden").unwrap();
+    let zstar = kind.solve(&mut f, &z0, &opts(200, 1e-14)).unwrap().z;
+    // out = f(z*) with the graph to θ; gbar = c.
+    let z_leaf = Var::from_tensor(&zstar).unwrap();
+    let out = (z_leaf.as_tensor().matmul(&w).unwrap() + &ux)
+        .unwrap()
+        .broadcast_add(th.as_tensor())
+        .unwrap()
+        .tanh()
+        .unwrap();
+    let loss = (&out * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let z_vjp = Var::from_tensor(&zstar).unwrap();
+    let out_vjp = (z_vjp.as_tensor().matmul(&w).unwrap() + &ux)
+        .unwrap()
+        .broadcast_add(&th_d)
+        .unwrap()
+        .tanh()
+        .unwrap();
+    let mut graph = GraphVjp::new(z_vjp, out_vjp);
+    let mut vjp = |y: &Tensor| graph.vjp(y);
+    let (y, _) = adjoint(mode, &mut vjp, &c, &kind, &opts(200, 1e-14)).unwrap();
+    let grads = (&out * y).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads
+        .get(th.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    (loss, g)
+}
+
+#[test]
+fn implicit_gradient_matches_central_finite_differences() {
+    let theta: Vec<f64> = (0..D).map(|i| 0.2 * i as f64 - 0.5).collect();
+    let (_, grad) = tanh_deq(&theta, 0.9, &BackwardMode::Ift);
+    let h = 1e-6;
+    for k in 0..D {
+        let mut p = theta.clone();
+        p[k] += h;
+        let mut m = theta.clone();
+        m[k] -= h;
+        let fd = (tanh_deq(&p, 0.9, &BackwardMode::Jfb).0
+            - tanh_deq(&m, 0.9, &BackwardMode::Jfb).0)
+            / (2.0 * h);
+        let rel = (grad[k] - fd).abs() / fd.abs().max(1e-8);
+        assert!(
+            rel < 1e-4,
+            "θ[{k}]: implicit {} vs finite difference {fd} (rel {rel})",
+            grad[k]
+        );
+    }
+}
+
+#[test]
+fn phantom_and_jfb_approach_ift_as_the_map_contracts() {
+    let theta: Vec<f64> = (0..D).map(|i| 0.1 * i as f64).collect();
+    let rel_err = |scale: f64, mode: BackwardMode| {
+        let (_, exact) = tanh_deq(&theta, scale, &BackwardMode::Ift);
+        let (_, approx) = tanh_deq(&theta, scale, &mode);
+        let num: f64 = exact
+            .iter()
+            .zip(&approx)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        num / exact.iter().map(|a| a * a).sum::<f64>().sqrt()
+    };
+    for mode in [BackwardMode::Jfb, BackwardMode::Phantom { k: 3, tau: 0.8 }] {
+        let loose = rel_err(0.8, mode.clone());
+        let tight = rel_err(0.05, mode.clone());
+        assert!(
+            tight < loose / 5.0 && tight < 0.05,
+            "{mode:?}: {loose} at 0.8, {tight} at 0.05"
+        );
+    }
+}
+
+#[test]
+fn graph_vjp_matches_the_transposed_jacobian_of_a_linear_map() {
+    let a = contraction(0.7);
+    let at = Tensor::from_vec(a.clone(), (D, D), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let z = Var::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let out = z.as_tensor().matmul(&at).unwrap();
+    let mut g = GraphVjp::new(z, out);
+    for k in 0..D {
+        let mut e = vec![0.0; D];
+        e[k] = 1.0;
+        let row = g
+            .vjp(&Tensor::from_vec(e, (1, D), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for j in 0..D {
+            assert!((row[j] - a[k * D + j]).abs() < 1e-15);
+        }
+    }
+    assert_eq!(g.calls, D);
+}

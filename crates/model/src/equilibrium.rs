@@ -1,0 +1,236 @@
+//! The MDEQ forward and backward through the DEQ engine (spec §4): solve for z* without a graph,
+//! then (training) one differentiable application out = f(z*) and the implicit backward.
+
+use crate::cell::MultiscaleCell;
+use crate::config::DeqConfig;
+use crate::mdeq::Mdeq;
+use crate::state::StateLayout;
+use candle_core::{Result, Tensor, Var};
+use mdeq_deq::solver::solve_with_fallback;
+use mdeq_deq::{adjoint, BackwardMode, GraphVjp, SolverKind, SolverOptions, SolverStats};
+
+/// Solver settings resolved from a [`DeqConfig`].
+#[derive(Debug, Clone)]
+pub struct DeqRuntime {
+    /// Forward solver followed by its fallbacks.
+    pub forward_chain: Vec<SolverKind>,
+    /// Backward solver.
+    pub backward_solver: SolverKind,
+    /// Forward options.
+    pub forward: SolverOptions,
+    /// Backward options.
+    pub backward: SolverOptions,
+    /// Backward mode.
+    pub mode: BackwardMode,
+}
+
+fn kind(name: &str, max_pairs: Option<usize>) -> Result<SolverKind> {
+    match SolverKind::from_name(name) {
+        Some(SolverKind::Broyden { .. }) => Ok(SolverKind::Broyden {
+            max_pairs,
+            max_history_bytes: None,
+        }),
+        Some(k) => Ok(k),
+        None => Err(candle_core::Error::Msg(format!("unknown solver '{name}'"))),
+    }
+}
+
+impl DeqRuntime {
+    /// Resolves the config's solver names and thresholds.
+    pub fn from_config(c: &DeqConfig) -> Result<Self> {
+        let mut forward_chain = vec![kind(&c.f_solver, c.max_history_pairs)?];
+        for f in &c.fallback {
+            forward_chain.push(kind(f, c.max_history_pairs)?);
+        }
+        Ok(Self {
+            forward_chain,
+            backward_solver: kind(&c.b_solver, c.max_history_pairs)?,
+            forward: SolverOptions {
+                threshold: c.f_thres,
+                eps: c.eps,
+                stop_mode: c.stop_mode,
+                coupling: c.coupling,
+            },
+            backward: SolverOptions {
+                threshold: c.b_thres,
+                eps: c.eps,
+                stop_mode: c.stop_mode,
+                coupling: c.coupling,
+            },
+            mode: c.backward.clone(),
+        })
+    }
+}
+
+/// Solves z* = f(z*; x) from zeros (or `z0`) with a detached cell; returns the flat (B, D) z*.
+pub fn solve_equilibrium(
+    cell: &MultiscaleCell,
+    injection: &[Tensor],
+    masks: &[Option<Tensor>],
+    layout: &StateLayout,
+    rt: &DeqRuntime,
+    z0: Option<&Tensor>,
+) -> Result<(Tensor, SolverStats)> {
+    let inj: Vec<Tensor> = injection.iter().map(Tensor::detach).collect();
+    let b = inj[0].dim(0)?;
+    let start = match z0 {
+        Some(z) => z.detach(),
+        None => Tensor::zeros((b, layout.size()), inj[0].dtype(), inj[0].device())?,
+    };
+    let mut f = |z: &Tensor| -> Result<Tensor> {
+        layout.flatten(&cell.forward(&layout.unflatten(z)?, &inj, masks)?)
+    };
+    let sol = solve_with_fallback(&rt.forward_chain, &mut f, &start, &rt.forward)?;
+    Ok((sol.z, sol.stats))
+}
+
+/// Evaluation forward: head(z*) with the head in eval mode.
+pub fn eval_forward(
+    model: &Mdeq,
+    image: &Tensor,
+    rt: &DeqRuntime,
+) -> Result<(Tensor, Vec<Tensor>, SolverStats)> {
+    let injection = model.injection(image, false)?;
+    let (_, _, h, w) = image.dims4()?;
+    let layout = model.layout(h, w);
+    let cell = model.cell().prepared(true)?;
+    let masks = vec![None; layout.branches.len()];
+    let (z, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, rt, None)?;
+    let z = layout.unflatten(&z)?;
+    Ok((model.head(&z, false)?, z, stats))
+}
+
+/// Everything one training step's gradient computation produced.
+pub struct TrainGradients {
+    /// Gradient per parameter name (None: the parameter got none).
+    pub grads: Vec<(String, Option<Tensor>)>,
+    /// The loss value.
+    pub loss: Tensor,
+    /// Logits of the head in train mode on f(z*).
+    pub logits: Tensor,
+    /// Injection as computed in train mode.
+    pub injection: Vec<Tensor>,
+    /// z* per branch.
+    pub zstar: Vec<Tensor>,
+    /// Forward solver statistics (None in unrolled mode).
+    pub forward_stats: Option<SolverStats>,
+    /// Backward solver statistics (IFT only).
+    pub backward_stats: Option<SolverStats>,
+    /// Tensors in the recorded graph of the training output (memory proxy: independent of the
+    /// number of solver steps).
+    pub graph_size: usize,
+}
+
+/// Which phase a training step is in (spec §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// NUM_LAYERS weight-tied applications with ordinary backprop.
+    Unrolled(usize),
+    /// Solver + the configured backward mode.
+    Deq,
+}
+
+/// Computes the loss and every parameter gradient for one batch (BatchNorm in train mode).
+pub fn train_gradients(
+    model: &Mdeq,
+    image: &Tensor,
+    masks: &[Option<Tensor>],
+    loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+    rt: &DeqRuntime,
+    phase: Phase,
+) -> Result<TrainGradients> {
+    let (_, _, h, w) = image.dims4()?;
+    let layout = model.layout(h, w);
+    let injection = model.injection(image, true)?;
+    let cell = model.cell().prepared(false)?;
+    let store = model.store();
+    let collect = |g: &candle_core::backprop::GradStore,
+                   into: &mut Vec<(String, Option<Tensor>)>|
+     -> Result<()> {
+        for (e, slot) in store.parameters().zip(into.iter_mut()) {
+            if let Some(gr) = g.get(e.var.as_tensor()) {
+                slot.1 = Some(match slot.1.take() {
+                    None => gr.clone(),
+                    Some(acc) => (acc + gr)?,
+                });
+            }
+        }
+        Ok(())
+    };
+    let mut grads: Vec<(String, Option<Tensor>)> =
+        store.parameters().map(|e| (e.name.clone(), None)).collect();
+
+    if let Phase::Unrolled(layers) = phase {
+        let b = image.dim(0)?;
+        let mut z = layout.unflatten(&Tensor::zeros(
+            (b, layout.size()),
+            model.dtype(),
+            model.device(),
+        )?)?;
+        for _ in 0..layers {
+            z = cell.forward(&z, &injection, masks)?;
+        }
+        let logits = model.head(&z, true)?;
+        let loss = loss_fn(&logits)?;
+        let g = loss.backward()?;
+        collect(&g, &mut grads)?;
+        return Ok(TrainGradients {
+            grads,
+            loss,
+            logits,
+            injection,
+            zstar: z,
+            forward_stats: None,
+            backward_stats: None,
+            graph_size: g.get_ids().count(),
+        });
+    }
+
+    let detached = model.cell().prepared(true)?;
+    let (zstar, fstats) = solve_equilibrium(&detached, &injection, masks, &layout, rt, None)?;
+
+    // out = f(z*) with the graph to the parameters and the injection; z* is a leaf.
+    let z_leaf = Var::from_tensor(&zstar)?;
+    let out = layout.flatten(&cell.forward(
+        &layout.unflatten(z_leaf.as_tensor())?,
+        &injection,
+        masks,
+    )?)?;
+
+    // Head and loss on a detached copy of out give gbar = dL/d(out) and the head's gradients.
+    let out_leaf = Var::from_tensor(&out.detach())?;
+    let logits = model.head(&layout.unflatten(out_leaf.as_tensor())?, true)?;
+    let loss = loss_fn(&logits)?;
+    let head_grads = loss.backward()?;
+    collect(&head_grads, &mut grads)?;
+    let gbar = head_grads
+        .get(out_leaf.as_tensor())
+        .cloned()
+        .unwrap_or(out.zeros_like()?);
+
+    // y = y J + gbar with VJPs through ONE recorded graph of f at z* built from detached
+    // parameters, so the solve computes no parameter gradients.
+    let inj_detached: Vec<Tensor> = injection.iter().map(Tensor::detach).collect();
+    let z_vjp = Var::from_tensor(&zstar)?;
+    let out_vjp = layout.flatten(&detached.forward(
+        &layout.unflatten(z_vjp.as_tensor())?,
+        &inj_detached,
+        masks,
+    )?)?;
+    let mut graph = GraphVjp::new(z_vjp, out_vjp);
+    let mut vjp = |y: &Tensor| graph.vjp(y);
+    let (y, bsol) = adjoint(&rt.mode, &mut vjp, &gbar, &rt.backward_solver, &rt.backward)?;
+
+    let cell_grads = (&out * y.detach())?.sum_all()?.backward()?;
+    collect(&cell_grads, &mut grads)?;
+    Ok(TrainGradients {
+        grads,
+        loss,
+        logits,
+        injection,
+        zstar: layout.unflatten(&zstar)?,
+        forward_stats: Some(fstats),
+        backward_stats: bsol.map(|s| s.stats),
+        graph_size: cell_grads.get_ids().count(),
+    })
+}
