@@ -1,0 +1,236 @@
+//! Official-file import: all three formats, key hygiene, and every bad-input path.
+
+use candle_core::{DType, Device};
+use mdeq_checkpoint::official::read_state_dict_bytes;
+use mdeq_checkpoint::{format, import, read_state_dict, CheckpointError};
+use mdeq_model::{ExperimentConfig, Mdeq};
+
+fn fixture(rel: &str) -> String {
+    format!(
+        "{}/../../../shared/fixtures/{rel}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn tiny() -> (ExperimentConfig, Mdeq) {
+    let cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml")).unwrap();
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
+    (cfg, model)
+}
+
+#[test]
+fn three_formats_give_identical_tensors() {
+    let st = read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap();
+    for other in ["cls-tiny/state_dict.pth", "cls-tiny/state_dict_legacy.pth"] {
+        let mut sd = read_state_dict(&fixture(other)).unwrap();
+        sd.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(sd.len(), st.len(), "{other}");
+        for ((ka, ta), (kb, tb)) in st.iter().zip(&sd) {
+            assert_eq!(ka, kb);
+            assert_eq!(ta.dims(), tb.dims(), "{ka}");
+            let da = ta
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let db = tb
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert_eq!(da, db, "{other}: {ka}");
+        }
+    }
+}
+
+#[test]
+fn wrapper_prefixes_are_stripped_and_old_repo_extras_ignored() {
+    let (_, model) = tiny();
+    let mut sd = read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap();
+    let extra = sd[0].1.clone();
+    for (k, _) in sd.iter_mut() {
+        *k = format!("module.{k}");
+    }
+    sd.push((
+        "fullstage_copy.branches.0.blocks.0.conv1.weight".into(),
+        extra.clone(),
+    ));
+    sd.push(("model.loss.criterion.weight".into(), extra.clone()));
+    sd.push(("deq.func.x".into(), extra));
+    import::load_into(&model, sd, "wrapped.pth").unwrap();
+}
+
+#[test]
+fn every_key_problem_is_reported_in_one_error() {
+    let (_, model) = tiny();
+    let mut sd = read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap();
+    let removed = sd.iter().position(|(k, _)| k == "classifier.bias").unwrap();
+    sd.remove(removed);
+    let i = sd
+        .iter()
+        .position(|(k, _)| k == "classifier.weight")
+        .unwrap();
+    sd[i].1 = sd[i].1.narrow(0, 0, 5).unwrap();
+    sd.push(("surprise.weight".into(), sd[0].1.clone()));
+    let err = import::load_into(&model, sd, "bad.pth").unwrap_err();
+    let CheckpointError::Keys { report, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(report.missing, vec!["classifier.bias".to_string()]);
+    assert_eq!(report.unexpected, vec!["surprise.weight".to_string()]);
+    assert_eq!(
+        report.misshaped,
+        vec![("classifier.weight".to_string(), vec![10, 200], vec![5, 200])]
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("bad.pth")
+            && msg.contains("classifier.bias")
+            && msg.contains("surprise.weight"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn post_gn_affine_mismatch_is_a_key_error() {
+    let mut cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml")).unwrap();
+    cfg.model.post_gn_affine = true;
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
+    let err = import::load_into(
+        &model,
+        read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap(),
+        "w",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("post_fuse_layers.0.gnorm.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pickle_naming_a_forbidden_global_is_refused_without_running_it() {
+    // The classic payload: os.system("touch ...") via GLOBAL + REDUCE.
+    let marker = std::env::temp_dir().join(format!("mdeq-pwned-{}", std::process::id()));
+    let mut p = b"\x80\x02cos\nsystem\nX".to_vec();
+    let cmd = format!("touch {}", marker.display());
+    p.extend((cmd.len() as u32).to_le_bytes());
+    p.extend(cmd.as_bytes());
+    p.extend(b"\x85R.");
+    let err = read_state_dict_bytes(&p, "evil.pkl")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("os.system") && err.contains("evil.pkl"),
+        "{err}"
+    );
+    assert!(!marker.exists());
+    // The same inside a zip archive.
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut w = zip::ZipWriter::new(&mut buf);
+        w.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut w, &p).unwrap();
+        w.finish().unwrap();
+    }
+    let err = read_state_dict_bytes(buf.get_ref(), "evil.pth")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("os.system"), "{err}");
+}
+
+#[test]
+fn truncated_files_give_errors_not_panics() {
+    for name in [
+        "cls-tiny/state_dict.pth",
+        "cls-tiny/state_dict_legacy.pth",
+        "cls-tiny/weights.safetensors",
+    ] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        for cut in [1, 9, 100, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
+            let r = read_state_dict_bytes(&bytes[..cut], name);
+            assert!(r.is_err(), "{name} cut at {cut} was accepted");
+            assert!(r.unwrap_err().to_string().contains(name));
+        }
+    }
+}
+
+#[test]
+fn corrupted_bytes_never_panic() {
+    let bytes = std::fs::read(fixture("cls-tiny/state_dict_legacy.pth")).unwrap();
+    for i in (0..bytes.len().min(20_000)).step_by(97) {
+        let mut b = bytes.clone();
+        b[i] ^= 0x5a;
+        let _ = read_state_dict_bytes(&b, "flipped.pth");
+    }
+    let err = read_state_dict_bytes(b"hello world", "notes.txt")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("notes.txt"), "{err}");
+}
+
+#[test]
+fn checkpoints_embed_their_config_and_round_trip() {
+    let (cfg, model) = tiny();
+    import::load_into(
+        &model,
+        read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap(),
+        "w",
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("mdeq-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    format::save(&path, &model, &cfg).unwrap();
+    let (cfg2, model2) = format::load(&path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(cfg, cfg2);
+    for (a, b) in model.store().entries().iter().zip(model2.store().entries()) {
+        assert_eq!(a.name, b.name);
+        let da = a
+            .var
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let db = b
+            .var
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert_eq!(da, db, "{}", a.name);
+    }
+    // An official file is not an mdeq checkpoint: the error says what to do.
+    let err = format::load(
+        std::path::Path::new(&fixture("cls-tiny/weights.safetensors")),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("mdeq import"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_write_leaves_the_previous_checkpoint_intact() {
+    let dir = std::env::temp_dir().join(format!("mdeq-atomic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("last.safetensors");
+    format::write_atomic(&path, b"first").unwrap();
+    // Make the rename impossible: the temporary file's directory entry is a directory.
+    let tmp = dir.join(format!(".last.safetensors.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    assert!(format::write_atomic(&path, b"second").is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"first");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

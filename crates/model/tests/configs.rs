@@ -1,0 +1,159 @@
+//! Presets, strict TOML, official YAML files and the parameter counts of spec §1.8.
+
+use candle_core::{DType, Device};
+use mdeq_model::config::presets::{preset_or_error, PRESETS};
+use mdeq_model::{ExperimentConfig, Mdeq};
+
+/// Trainable parameters of every official config (spec §1.8, computed from the module structure).
+const COUNTS: &[(&str, usize, usize)] = &[
+    ("cifar-tiny", 158_890, 111_696),
+    ("cifar-large", 11_097_438, 8_715_232),
+    ("cifar-large-reg", 11_097_438, 8_715_232),
+    ("imagenet-small", 16_808_936, 8_716_192),
+    ("imagenet-small-reg", 18_613_496, 8_715_232),
+    ("imagenet-large", 67_063_624, 54_422_800),
+    ("imagenet-large-reg", 67_061_224, 54_420_400),
+    ("imagenet-xl", 90_463_280, 77_699_952),
+    ("cityscapes-small", 8_968_467, 8_716_192),
+    ("cityscapes-large", 55_955_859, 54_422_800),
+    ("cityscapes-xl", 79_551_755, 77_699_952),
+];
+
+#[test]
+fn every_preset_has_the_official_parameter_count() {
+    assert_eq!(COUNTS.len(), PRESETS.len());
+    for &(name, total, in_cell) in COUNTS {
+        let cfg = preset_or_error(name).unwrap();
+        let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
+        let cell: usize = model
+            .store()
+            .parameters()
+            .filter(|e| e.name.starts_with("fullstage."))
+            .map(|e| e.var.elem_count())
+            .sum();
+        assert_eq!(
+            (model.store().parameter_count(), cell),
+            (total, in_cell),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn state_sizes_match_the_spec() {
+    let d = |n: &str, h: usize, w: usize| preset_or_error(n).unwrap().model.state_size(h, w);
+    assert_eq!(d("cifar-tiny", 32, 32), 30_720);
+    assert_eq!(d("cifar-large", 32, 32), 61_440);
+    assert_eq!(d("imagenet-small", 224, 224), 188_160);
+    assert_eq!(d("cityscapes-small", 512, 1024), 1_966_080);
+    assert_eq!(d("cityscapes-small", 1024, 2048), 7_864_320);
+}
+
+#[test]
+fn presets_round_trip_through_toml() {
+    for (name, _) in PRESETS {
+        let cfg = preset_or_error(name).unwrap();
+        let again = ExperimentConfig::from_toml_str(&cfg.to_toml_string(), name).unwrap();
+        assert_eq!(cfg, again, "{name}");
+    }
+}
+
+#[test]
+fn unknown_toml_keys_are_errors_that_name_the_key() {
+    let text = PRESETS[0].1.replace(
+        "expansion_factor = 5",
+        "expansion_factor = 5\nexpansion_factr = 4",
+    );
+    let err = ExperimentConfig::from_toml_str(&text, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expansion_factr"), "{err}");
+}
+
+#[test]
+fn inconsistent_configs_are_rejected_with_the_field_named() {
+    let text = PRESETS[0]
+        .1
+        .replace("head_channels = [8, 16]", "head_channels = [8]");
+    let err = ExperimentConfig::from_toml_str(&text, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("head_channels"), "{err}");
+    let text = PRESETS[0]
+        .1
+        .replace("num_channels = [24, 24]", "num_channels = [24, 20]");
+    let err = ExperimentConfig::from_toml_str(&text, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("num_channels[1]"), "{err}");
+}
+
+#[test]
+fn unknown_preset_lists_the_known_ones() {
+    let err = preset_or_error("cifar-huge").unwrap_err().to_string();
+    assert!(
+        err.contains("cifar-tiny") && err.contains("cityscapes-xl"),
+        "{err}"
+    );
+}
+
+#[test]
+fn official_yaml_fixtures_read_as_their_meta_says() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+    for name in ["cls-tiny", "seg-tiny"] {
+        let cfg = ExperimentConfig::load(&format!("{root}/{name}/config.yaml")).unwrap();
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{root}/{name}/meta.json")).unwrap(),
+        )
+        .unwrap();
+        let m = &meta["config"];
+        let usizes = |k: &str| {
+            m[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cfg.model.num_channels, usizes("num_channels"), "{name}");
+        assert_eq!(
+            cfg.model.num_groups as u64,
+            m["num_groups"].as_u64().unwrap()
+        );
+        assert_eq!(
+            cfg.model.expansion_factor as u64,
+            m["expansion_factor"].as_u64().unwrap()
+        );
+        assert_eq!(
+            cfg.model.downsample_times as u64,
+            m["downsample_times"].as_u64().unwrap()
+        );
+        assert_eq!(
+            cfg.model.post_gn_affine,
+            m["post_gn_affine"].as_bool().unwrap()
+        );
+        assert_eq!(
+            cfg.model.num_classes as u64,
+            m["num_classes"].as_u64().unwrap()
+        );
+        assert_eq!(cfg.deq.f_thres as u64, m["yaml_f_thres"].as_u64().unwrap());
+        assert_eq!(cfg.deq.b_thres as u64, m["yaml_b_thres"].as_u64().unwrap());
+        assert_eq!(
+            format!("{:?}", cfg.deq.stop_mode).to_lowercase(),
+            m["stop_mode"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn yaml_type_errors_name_the_key() {
+    let err = mdeq_model::config::official_yaml::from_yaml_str(
+        "MODEL:\n  NUM_GROUPS: eight\n",
+        "bad.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("MODEL.NUM_GROUPS") && err.contains("bad.yaml"),
+        "{err}"
+    );
+}
