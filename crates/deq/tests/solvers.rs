@@ -60,8 +60,9 @@ fn direct_solve(a: &[f64], b: &[f64]) -> Vec<f64> {
         for r in 0..D {
             if r != c {
                 let f = m[r][c] / m[c][c];
-                for k in c..=D {
-                    m[r][k] -= f * m[c][k];
+                let pivot = m[c].clone();
+                for (x, p) in m[r].iter_mut().zip(&pivot).skip(c) {
+                    *x -= f * p;
                 }
             }
         }

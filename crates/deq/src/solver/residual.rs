@@ -184,8 +184,8 @@ pub fn merge_better(a: Solution, b: Solution) -> Result<Solution> {
     stats.steps += b.stats.steps;
     stats.abs_trace.extend(b.stats.abs_trace.iter().cloned());
     stats.rel_trace.extend(b.stats.rel_trace.iter().cloned());
-    for i in 0..n {
-        if take_b[i] {
+    for (i, &take) in take_b.iter().enumerate() {
+        if take {
             stats.lowest[i] = b.stats.lowest[i];
             stats.lowest_step[i] = a.stats.steps + b.stats.lowest_step[i];
             stats.status[i] = b.stats.status[i];

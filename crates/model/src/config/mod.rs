@@ -177,7 +177,7 @@ impl ModelConfig {
     /// Checks that an input size is usable: each side divisible by 2^(DOWNSAMPLE_TIMES + n - 1).
     pub fn check_input_size(&self, height: usize, width: usize) -> Result<(), ConfigError> {
         let d = 1usize << (self.downsample_times + self.num_branches() - 1);
-        if height % d != 0 || width % d != 0 || height == 0 || width == 0 {
+        if !height.is_multiple_of(d) || !width.is_multiple_of(d) || height == 0 || width == 0 {
             return Err(ConfigError::Invalid(format!(
                 "input size {height}x{width} must be a non-zero multiple of {d} \
                  (2^(downsample_times + branches - 1)) on both sides"
