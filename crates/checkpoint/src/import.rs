@@ -66,8 +66,7 @@ pub fn load_into(model: &Mdeq, entries: StateDict, path: &str) -> Result<(), Che
     let store = model.store();
     for (k, t) in entries {
         let e = store.get(&k).expect("compared above");
-        t
-            .to_dtype(e.var.dtype())
+        t.to_dtype(e.var.dtype())
             .and_then(|t| t.to_device(e.var.device()))
             .and_then(|t| e.var.set(&t))
             .map_err(|err| CheckpointError::format(path, format!("key {k}: {err}")))?;
