@@ -116,6 +116,9 @@ pub struct TrainGradients {
     pub forward_stats: Option<SolverStats>,
     /// Backward solver statistics (IFT only).
     pub backward_stats: Option<SolverStats>,
+    /// The gradient fed through the one recorded application of f (y of y = yJ + gbar for IFT;
+    /// None in unrolled mode).
+    pub adjoint: Option<Tensor>,
     /// Tensors in the recorded graph of the training output (memory proxy: independent of the
     /// number of solver steps).
     pub graph_size: usize,
@@ -182,6 +185,7 @@ pub fn train_gradients(
             zstar: z,
             forward_stats: None,
             backward_stats: None,
+            adjoint: None,
             graph_size: g.get_ids().count(),
         });
     }
@@ -231,6 +235,7 @@ pub fn train_gradients(
         zstar: layout.unflatten(&zstar)?,
         forward_stats: Some(fstats),
         backward_stats: bsol.map(|s| s.stats),
+        adjoint: Some(y),
         graph_size: cell_grads.get_ids().count(),
     })
 }

@@ -1,6 +1,7 @@
 //! The stem (`downsample.*`) and the injection transform (`stage0.*`) (spec §1.2).
 
 use crate::config::ModelConfig;
+use crate::nn::Relu0;
 use crate::nn::{BatchNorm2d, Conv2d};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -50,11 +51,11 @@ impl Stem {
         let x = self
             .bn1
             .forward(&self.conv1.forward(image)?, train)?
-            .relu()?;
-        let x = self.bn2.forward(&self.conv2.forward(&x)?, train)?.relu()?;
+            .relu0()?;
+        let x = self.bn2.forward(&self.conv2.forward(&x)?, train)?.relu0()?;
         match &self.stage0 {
             None => Ok(x),
-            Some((conv, bn)) => bn.forward(&conv.forward(&x)?, train)?.relu(),
+            Some((conv, bn)) => bn.forward(&conv.forward(&x)?, train)?.relu0(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Multiscale fusion layers T_ij (spec §1.3 step B).
 
+use crate::nn::Relu0;
 use crate::nn::{nearest_upsample, Conv2d, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -61,7 +62,7 @@ impl FuseLayer {
                 for (s, (conv, norm)) in stages.iter().enumerate() {
                     t = norm.forward(&conv.forward(&t)?)?;
                     if s + 1 < stages.len() {
-                        t = t.relu()?;
+                        t = t.relu0()?;
                     }
                 }
                 Ok(t)

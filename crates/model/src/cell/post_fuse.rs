@@ -1,5 +1,6 @@
 //! Post-fusion layer per branch: ReLU → weight-normalised 1×1 conv → GroupNorm(G/2) (spec §1.3 C).
 
+use crate::nn::Relu0;
 use crate::nn::{CellConv, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -28,7 +29,7 @@ impl PostFuse {
 
     /// Applies the layer to the fused sum y_i.
     pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
-        self.norm.forward(&self.conv.forward(&y.relu()?)?)
+        self.norm.forward(&self.conv.forward(&y.relu0()?)?)
     }
 
     /// Weight norm computed once, optionally detached.

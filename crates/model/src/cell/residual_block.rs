@@ -1,5 +1,6 @@
 //! The per-branch residual block of the MDEQ cell (spec §1.3 step A).
 
+use crate::nn::Relu0;
 use crate::nn::{CellConv, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -53,7 +54,7 @@ impl ResidualBlock {
         injection: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let mut t = self.gn1.forward(&self.conv1.forward(z)?)?.relu()?;
+        let mut t = self.gn1.forward(&self.conv1.forward(z)?)?.relu0()?;
         t = self.conv2.forward(&t)?;
         if let Some(m) = mask {
             t = t.broadcast_mul(m)?;
@@ -62,7 +63,7 @@ impl ResidualBlock {
             t = (t + x)?;
         }
         let t = (self.gn2.forward(&t)? + z)?;
-        self.gn3.forward(&t.relu()?)
+        self.gn3.forward(&t.relu0()?)
     }
 
     /// Weight norm computed once, optionally detached (see [`CellConv::prepared`]).

@@ -1,6 +1,7 @@
 //! The classification head of MDEQClsNet (spec §2.1).
 
 use crate::config::ClassificationHeadConfig;
+use crate::nn::Relu0;
 use crate::nn::{BatchNorm2d, Conv2d};
 use crate::params::{Init, ParamBuilder};
 use candle_core::{Result, Tensor};
@@ -41,14 +42,14 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let t = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
-        let t = self.bn2.forward(&self.conv2.forward(&t)?, train)?.relu()?;
+        let t = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu0()?;
+        let t = self.bn2.forward(&self.conv2.forward(&t)?, train)?.relu0()?;
         let t = self.bn3.forward(&self.conv3.forward(&t)?, train)?;
         let residual = match &self.projection {
             None => x.clone(),
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
         };
-        (t + residual)?.relu()
+        (t + residual)?.relu0()
     }
 }
 
@@ -115,14 +116,14 @@ impl ClassificationHead {
     pub fn forward(&self, y: &[Tensor], train: bool) -> Result<Tensor> {
         let mut a = self.incre[0].forward(&y[0], train)?;
         for (i, (conv, bn)) in self.downsamp.iter().enumerate() {
-            let down = bn.forward(&conv.forward(&a)?, train)?.relu()?;
+            let down = bn.forward(&conv.forward(&a)?, train)?.relu0()?;
             a = (self.incre[i + 1].forward(&y[i + 1], train)? + down)?;
         }
         let a = self
             .final_layer
             .1
             .forward(&self.final_layer.0.forward(&a)?, train)?
-            .relu()?;
+            .relu0()?;
         let pooled = a.mean((2, 3))?;
         pooled
             .matmul(&self.classifier_weight.t()?)?

@@ -1,5 +1,6 @@
 //! The segmentation head of MDEQSegNet (spec §2.2).
 
+use crate::nn::Relu0;
 use crate::nn::{bilinear_resize, BatchNorm2d, Conv2d};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -39,7 +40,7 @@ impl SegmentationHead {
             parts.push(bilinear_resize(t, h, w, true)?);
         }
         let x = Tensor::cat(&parts, 1)?;
-        let x = self.bn.forward(&self.conv1.forward(&x)?, train)?.relu()?;
+        let x = self.bn.forward(&self.conv1.forward(&x)?, train)?.relu0()?;
         self.conv2.forward(&x)
     }
 }

@@ -44,42 +44,60 @@ impl BatchNorm2d {
     /// Eval mode uses the running statistics; train mode normalises with this batch's statistics
     /// (biased variance) and updates the running ones (unbiased variance), as PyTorch does.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let (mean, var) = if train {
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-            let n = (b * h * w) as f64;
-            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?.flatten_all()?;
-            let m = self.momentum;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
-            let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-            self.running_mean.set(&new_mean)?;
-            self.running_var.set(&new_var)?;
-            let count = (self.num_batches_tracked.as_tensor().to_dtype(DType::I64)? + 1.0)?;
-            self.num_batches_tracked.set(&count)?;
-            (mean, var)
-        } else {
-            (
-                self.running_mean
-                    .as_tensor()
-                    .detach()
-                    .reshape((1, c, 1, 1))?,
-                self.running_var
-                    .as_tensor()
-                    .detach()
-                    .reshape((1, c, 1, 1))?,
-            )
-        };
+        if !train {
+            let c = x.dim(1)?;
+            let mean = self
+                .running_mean
+                .as_tensor()
+                .detach()
+                .reshape((1, c, 1, 1))?;
+            let var = self
+                .running_var
+                .as_tensor()
+                .detach()
+                .reshape((1, c, 1, 1))?;
+            return self.normalise(x, &mean, &var);
+        }
+        if x.dtype() == DType::F64 {
+            return self.forward_batch_stats(x);
+        }
+        // candle reduces float32 sequentially; batch statistics over B·H·W values then drift
+        // ~1e-5 from PyTorch's, so train-mode statistics (stem and heads only) use float64.
+        self.forward_batch_stats(&x.to_dtype(DType::F64)?)?
+            .to_dtype(x.dtype())
+    }
+
+    fn forward_batch_stats(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let stats_dtype = self.running_mean.dtype();
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+        let n = (b * h * w) as f64;
+        let m = self.momentum;
+        let batch_mean = mean.detach().flatten_all()?.to_dtype(stats_dtype)?;
+        let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?
+            .flatten_all()?
+            .to_dtype(stats_dtype)?;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (batch_mean * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+        self.num_batches_tracked
+            .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)?;
+        self.normalise(x, &mean, &var)
+    }
+
+    fn normalise(&self, x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let (mean, var) = (mean.to_dtype(x.dtype())?, var.to_dtype(x.dtype())?);
         let normed = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + self.eps)?.sqrt()?)?;
         match &self.affine {
             None => Ok(normed),
             Some((gamma, beta)) => normed
-                .broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&beta.reshape((1, c, 1, 1))?),
+                .broadcast_mul(&gamma.reshape((1, c, 1, 1))?.to_dtype(x.dtype())?)?
+                .broadcast_add(&beta.reshape((1, c, 1, 1))?.to_dtype(x.dtype())?),
         }
     }
 }

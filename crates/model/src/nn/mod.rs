@@ -24,3 +24,18 @@ pub(crate) fn maybe_detach(t: &Tensor, detach: bool) -> Tensor {
         t.clone()
     }
 }
+
+/// ReLU with PyTorch's derivative at 0 (zero). candle's `relu` back-propagates 1 at exactly 0,
+/// which changes gradients wherever a ReLU sees exact zeros (e.g. a train-mode BatchNorm channel
+/// whose batch values are all equal).
+pub trait Relu0 {
+    /// max(x, 0) with d/dx = 1 for x > 0 and 0 otherwise.
+    fn relu0(&self) -> candle_core::Result<Tensor>;
+}
+
+impl Relu0 for Tensor {
+    fn relu0(&self) -> candle_core::Result<Tensor> {
+        let positive = self.gt(0.0)?.to_dtype(self.dtype())?;
+        self * positive
+    }
+}
