@@ -1,4 +1,5 @@
 //! The `mdeq` command-line tool's commands, as a library so tests can drive them.
 
+pub mod bench;
 pub mod info;
 pub mod parity;

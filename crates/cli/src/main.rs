@@ -8,6 +8,11 @@ use mdeq_checkpoint::{format, import, official};
 use mdeq_model::{ExperimentConfig, Mdeq};
 use std::path::PathBuf;
 
+// candle allocates a fresh buffer per op; glibc hands large ones back to the kernel at once, so
+// every solver step paid page faults and TLB shootdowns. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mdeq",
@@ -78,6 +83,34 @@ enum Command {
     },
     /// Lists the built-in presets named after the official experiments.
     Presets,
+    /// Times the MDEQ cell (forward, forward+backward, one VJP, a training step), optionally side by
+    /// side with the PyTorch reference; the last stdout line is a JSON object with the ratios.
+    Bench {
+        /// Fixture folder with config.yaml, meta.json and weights.safetensors.
+        #[arg(long, default_value = "../shared/fixtures/cls-tiny")]
+        fixture: String,
+        /// Batch size.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed runs.
+        #[arg(long, default_value_t = 15)]
+        repeats: usize,
+        /// Plain forward iterations in the training-step figure.
+        #[arg(long, default_value_t = 18)]
+        f_steps: usize,
+        /// Plain backward iterations in the training-step figure.
+        #[arg(long, default_value_t = 20)]
+        b_steps: usize,
+        /// A Python with torch, numpy and safetensors: runs torch_cell.py before and after us.
+        #[arg(long)]
+        compare_torch: Option<String>,
+        /// The PyTorch reference script.
+        #[arg(long, default_value = "../shared/bench/torch_cell.py")]
+        torch_script: String,
+    },
 }
 
 fn main() {
@@ -85,6 +118,10 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -134,6 +171,29 @@ fn run(cli: Cli) -> Result<()> {
             if !parity::print_report(&rows) {
                 bail!("parity check failed");
             }
+        }
+        Command::Bench { fixture, batch, warmup, repeats, f_steps, b_steps, compare_torch, torch_script } => {
+            let opts = mdeq::bench::BenchOptions { fixture, batch, warmup, repeats, f_steps, b_steps };
+            let threads = rayon_threads();
+            let mut torch_runs = Vec::new();
+            if let Some(py) = &compare_torch {
+                eprintln!("running PyTorch ({threads} threads)...");
+                torch_runs.push(mdeq::bench::run_torch(py, &torch_script, &opts, threads)?);
+            }
+            eprintln!("running mdeq ({threads} threads)...");
+            let ours = mdeq::bench::run_mdeq(&opts)?;
+            if let Some(py) = &compare_torch {
+                eprintln!("running PyTorch again...");
+                torch_runs.push(mdeq::bench::run_torch(py, &torch_script, &opts, threads)?);
+            }
+            let report = mdeq::bench::report(&ours, &torch_runs);
+            println!("{:<18} {:>12} {:>12} {:>12} {:>8}", "figure", "mdeq median", "mdeq min", "torch median", "ratio");
+            for (name, t) in &ours {
+                let torch = report["torch"][*name].as_f64().map(|v| format!("{v:.2}")).unwrap_or("-".into());
+                let ratio = report["ratio"][*name].as_f64().map(|v| format!("{v:.2}")).unwrap_or("-".into());
+                println!("{name:<18} {:>12.2} {:>12.2} {torch:>12} {ratio:>8}", t.median_ms, t.min_ms);
+            }
+            println!("{report}");
         }
         Command::Presets => {
             for (name, _) in mdeq_model::config::presets::PRESETS {

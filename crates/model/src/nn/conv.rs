@@ -47,7 +47,7 @@ impl Conv2d {
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
-        let y = x.conv2d(&self.weight, k / 2, self.stride, 1, 1)?;
+        let y = mdeq_kernels::conv2d(x, &self.weight, self.stride, k / 2)?;
         match &self.bias {
             None => Ok(y),
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),

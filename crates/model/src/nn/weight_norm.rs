@@ -68,7 +68,7 @@ impl CellConv {
             .effective
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("CellConv used before prepared()".into()))?;
-        x.conv2d(w, w.dim(2)? / 2, 1, 1, 1)
+        mdeq_kernels::conv2d(x, w, 1, w.dim(2)? / 2)
     }
 }
 

@@ -1,0 +1,43 @@
+//! The float types the kernels are written for.
+
+use candle_core::{CpuStorage, DType, Layout, Result};
+
+/// f32 or f64, with access to candle CPU storage.
+pub trait Element: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// The contiguous slice of a storage under `layout`.
+    fn slice<'a>(s: &'a CpuStorage, layout: &Layout) -> Result<&'a [Self]>;
+    /// Wraps a vector as storage.
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("mdeq-kernels: input is not contiguous"),
+    }
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $dtype:ident) => {
+        impl Element for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn slice<'a>(s: &'a CpuStorage, layout: &Layout) -> Result<&'a [Self]> {
+                match s {
+                    CpuStorage::$variant(v) => contiguous(v, layout),
+                    _ => candle_core::bail!("mdeq-kernels: expected {:?} storage", DType::$dtype),
+                }
+            }
+            fn storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+
+element!(f32, F32, F32);
+element!(f64, F64, F64);

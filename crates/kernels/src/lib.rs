@@ -1,0 +1,14 @@
+//! Fast CPU kernels for the shapes MDEQ uses, as candle custom ops with their own backward.
+//!
+//! candle 0.11's CPU convolution reaches about a quarter of what two cores can do, and its input
+//! gradient (a direct transposed convolution) is 3–4× slower again; the implicit backward runs
+//! that input gradient once per solver step. [`conv2d`] runs forward, input gradient and weight
+//! gradient as im2col + gemm, multi-threaded over the batch. On other devices it defers to candle.
+
+mod element;
+mod gemm_ops;
+mod im2col;
+
+pub mod conv2d;
+
+pub use conv2d::conv2d;
