@@ -6,7 +6,6 @@ use crate::gemm_ops::{matmul, Op};
 use crate::im2col::{col2im, im2col, Geometry};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 /// y = conv2d(x, w) with stride `stride` and padding `padding`; uses the fast kernels for f32/f64
 /// on the CPU and candle's convolution elsewhere.
@@ -23,9 +22,17 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dForward { stride, padding })
 }
 
+fn geometry(x_dims: &[usize], k: usize, stride: usize, padding: usize) -> Result<(usize, Geometry)> {
+    let [b, c_in, h, w] = x_dims else { candle_core::bail!("conv2d: expected a 4-D input, got {x_dims:?}") };
+    if h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
+        candle_core::bail!("conv2d: kernel {k} does not fit input {h}x{w} with padding {padding}");
+    }
+    Ok((*b, Geometry { c_in: *c_in, h: *h, w: *w, k, stride, padding }))
+}
+
 /// Splits work over the batch when there are enough samples, otherwise inside gemm.
 fn plan(batch: usize) -> (bool, Parallelism) {
-    let threads = rayon::current_num_threads();
+    let threads = candle_core::utils::get_num_threads();
     if threads > 1 && batch >= threads {
         (true, Parallelism::None)
     } else if threads > 1 {
@@ -35,12 +42,34 @@ fn plan(batch: usize) -> (bool, Parallelism) {
     }
 }
 
-fn geometry(x_dims: &[usize], k: usize, stride: usize, padding: usize) -> Result<(usize, Geometry)> {
-    let [b, c_in, h, w] = x_dims else { candle_core::bail!("conv2d: expected a 4-D input, got {x_dims:?}") };
-    if h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
-        candle_core::bail!("conv2d: kernel {k} does not fit input {h}x{w} with padding {padding}");
+/// A pointer to an output buffer whose per-sample chunks are written by different threads.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: every user writes only the disjoint chunk of the samples it was handed.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// Calls `f(sample, out_chunk, scratch)` for every sample, over candle's CPU thread pool (the
+/// pool candle's own ops use, so the two never compete for the cores) when `parallel`.
+fn per_sample<T: Element>(out: &mut [T], chunk: usize, scratch_len: usize, parallel: bool, f: impl Fn(usize, &mut [T], &mut Vec<T>) + Sync) {
+    let n = out.len() / chunk.max(1);
+    if !parallel {
+        let mut scratch = vec![T::ZERO; scratch_len];
+        for (s, o) in out.chunks_mut(chunk).enumerate() {
+            f(s, o, &mut scratch);
+        }
+        return;
     }
-    Ok((*b, Geometry { c_in: *c_in, h: *h, w: *w, k, stride, padding }))
+    let ptr = Shared(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        let ptr = ptr;
+        let mut scratch = vec![T::ZERO; scratch_len];
+        for s in range {
+            // SAFETY: sample s owns out[s·chunk..(s+1)·chunk], and ranges are disjoint.
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(s * chunk), chunk) };
+            f(s, o, &mut scratch);
+        }
+    });
 }
 
 fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) -> Vec<T> {
@@ -48,7 +77,8 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
     let in_len = g.c_in * g.h * g.w;
     let mut y = vec![T::ZERO; b * c_out * cols];
     let (over_batch, par) = plan(b);
-    let one = |col: &mut Vec<T>, (s, out): (usize, &mut [T])| {
+    let col_len = if g.is_pointwise() { 0 } else { rows * cols };
+    per_sample(&mut y, c_out * cols, col_len, over_batch, |s, out, col| {
         let xs = &x[s * in_len..(s + 1) * in_len];
         let src = if g.is_pointwise() {
             xs
@@ -57,14 +87,7 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
             col.as_slice()
         };
         matmul(out, w, Op::N, src, Op::N, (c_out, cols, rows), false, par);
-    };
-    let col_len = if g.is_pointwise() { 0 } else { rows * cols };
-    if over_batch {
-        y.par_chunks_mut(c_out * cols).enumerate().for_each_init(|| vec![T::ZERO; col_len], one);
-    } else {
-        let mut col = vec![T::ZERO; col_len];
-        y.chunks_mut(c_out * cols).enumerate().for_each(|item| one(&mut col, item));
-    }
+    });
     y
 }
 
@@ -73,7 +96,8 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry
     let in_len = g.c_in * g.h * g.w;
     let mut dx = vec![T::ZERO; b * in_len];
     let (over_batch, par) = plan(b);
-    let one = |col: &mut Vec<T>, (s, out): (usize, &mut [T])| {
+    let col_len = if g.is_pointwise() { 0 } else { rows * cols };
+    per_sample(&mut dx, in_len, col_len, over_batch, |s, out, col| {
         let dys = &dy[s * c_out * cols..(s + 1) * c_out * cols];
         if g.is_pointwise() {
             matmul(out, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
@@ -81,14 +105,7 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry
             matmul(col, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
             col2im(col, &g, out);
         }
-    };
-    let col_len = if g.is_pointwise() { 0 } else { rows * cols };
-    if over_batch {
-        dx.par_chunks_mut(in_len).enumerate().for_each_init(|| vec![T::ZERO; col_len], one);
-    } else {
-        let mut col = vec![T::ZERO; col_len];
-        dx.chunks_mut(in_len).enumerate().for_each(|item| one(&mut col, item));
-    }
+    });
     dx
 }
 
@@ -96,7 +113,8 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
     let (rows, cols) = (g.rows(), g.cols());
     let in_len = g.c_in * g.h * g.w;
     let (over_batch, par) = plan(b);
-    let accumulate = |acc: &mut Vec<T>, col: &mut Vec<T>, s: usize| {
+    let col_len = if g.is_pointwise() { 0 } else { rows * cols };
+    let accumulate = |acc: &mut [T], col: &mut Vec<T>, s: usize| {
         let dys = &dy[s * c_out * cols..(s + 1) * c_out * cols];
         let xs = &x[s * in_len..(s + 1) * in_len];
         let src = if g.is_pointwise() {
@@ -107,28 +125,23 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
         };
         matmul(acc, dys, Op::N, src, Op::T, (c_out, rows, cols), true, par);
     };
-    let col_len = if g.is_pointwise() { 0 } else { rows * cols };
-    let zero = || (vec![T::ZERO; c_out * rows], vec![T::ZERO; col_len]);
+    let total = std::sync::Mutex::new(vec![T::ZERO; c_out * rows]);
     if over_batch {
-        (0..b)
-            .into_par_iter()
-            .fold(zero, |(mut acc, mut col), s| {
+        candle_core::utils::barrier_pool().execute_chunked(b, |range| {
+            let mut acc = vec![T::ZERO; c_out * rows];
+            let mut col = vec![T::ZERO; col_len];
+            for s in range {
                 accumulate(&mut acc, &mut col, s);
-                (acc, col)
-            })
-            .map(|(acc, _)| acc)
-            .reduce(
-                || vec![T::ZERO; c_out * rows],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
+            }
+            let mut t = total.lock().expect("no panics while holding the lock");
+            t.iter_mut().zip(acc).for_each(|(a, v)| *a += v);
+        });
     } else {
-        let (mut acc, mut col) = zero();
-        (0..b).for_each(|s| accumulate(&mut acc, &mut col, s));
-        acc
+        let mut t = total.lock().expect("unpoisoned");
+        let mut col = vec![T::ZERO; col_len];
+        (0..b).for_each(|s| accumulate(&mut t, &mut col, s));
     }
+    total.into_inner().expect("unpoisoned")
 }
 
 macro_rules! dispatch {
