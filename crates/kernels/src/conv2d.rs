@@ -4,6 +4,7 @@
 use crate::element::Element;
 use crate::gemm_ops::{matmul, Op};
 use crate::im2col::{col2im, im2col, Geometry};
+use crate::parallel::{for_each_chunk, Shared};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
@@ -42,13 +43,6 @@ fn plan(batch: usize) -> (bool, Parallelism) {
     }
 }
 
-/// A pointer to an output buffer whose per-sample chunks are written by different threads.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: every user writes only the disjoint chunk of the samples it was handed.
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
 /// Calls `f(sample, out_chunk, scratch)` for every sample, over candle's CPU thread pool (the
 /// pool candle's own ops use, so the two never compete for the cores) when `parallel`.
 fn per_sample<T: Element>(out: &mut [T], chunk: usize, scratch_len: usize, parallel: bool, f: impl Fn(usize, &mut [T], &mut Vec<T>) + Sync) {
@@ -61,12 +55,11 @@ fn per_sample<T: Element>(out: &mut [T], chunk: usize, scratch_len: usize, paral
         return;
     }
     let ptr = Shared(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-        let ptr = ptr;
+    for_each_chunk(n, |range| {
         let mut scratch = vec![T::ZERO; scratch_len];
         for s in range {
             // SAFETY: sample s owns out[s·chunk..(s+1)·chunk], and ranges are disjoint.
-            let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(s * chunk), chunk) };
+            let o = unsafe { ptr.slice(s * chunk, chunk) };
             f(s, o, &mut scratch);
         }
     });
@@ -127,7 +120,7 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
     };
     let total = std::sync::Mutex::new(vec![T::ZERO; c_out * rows]);
     if over_batch {
-        candle_core::utils::barrier_pool().execute_chunked(b, |range| {
+        for_each_chunk(b, |range| {
             let mut acc = vec![T::ZERO; c_out * rows];
             let mut col = vec![T::ZERO; col_len];
             for s in range {
@@ -176,9 +169,10 @@ impl CustomOp2 for Conv2dForward {
         let (_, _, k, _) = w.dims4()?;
         let (_, g) = geometry(x.dims(), k, self.stride, self.padding)?;
         let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(w, &InputGrad { g })?;
-        let dw = dy.apply_op2_no_bwd(x, &WeightGrad { g })?;
-        Ok((Some(dx), Some(dw)))
+        // Only what the graph needs: a VJP w.r.t. the state must not pay for weight gradients.
+        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad { g })?) } else { None };
+        let dw = if w.track_op() { Some(dy.apply_op2_no_bwd(x, &WeightGrad { g })?) } else { None };
+        Ok((dx, dw))
     }
 }
 

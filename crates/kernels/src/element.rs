@@ -12,6 +12,10 @@ pub trait Element: Copy + Default + Send + Sync + std::ops::AddAssign + 'static 
     fn slice<'a>(s: &'a CpuStorage, layout: &Layout) -> Result<&'a [Self]>;
     /// Wraps a vector as storage.
     fn storage(v: Vec<Self>) -> CpuStorage;
+    /// Widens to f64.
+    fn to_f64(self) -> f64;
+    /// Narrows from f64.
+    fn from_f64(v: f64) -> Self;
 }
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> Result<&'a [T]> {
@@ -34,6 +38,12 @@ macro_rules! element {
             }
             fn storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
             }
         }
     };

@@ -8,7 +8,10 @@
 mod element;
 mod gemm_ops;
 mod im2col;
+mod parallel;
 
 pub mod conv2d;
+pub mod group_norm;
 
 pub use conv2d::conv2d;
+pub use group_norm::group_norm;

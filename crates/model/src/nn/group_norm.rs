@@ -3,7 +3,7 @@
 
 use super::maybe_detach;
 use crate::params::{Init, ParamBuilder};
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance, eps 1e-5.
 #[derive(Debug, Clone)]
@@ -45,21 +45,9 @@ impl GroupNorm {
         }
     }
 
-    /// Normalises `x` of shape (B, C, H, W).
+    /// Normalises `x` of shape (B, C, H, W) (fused kernel on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let g = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
-        let centered = g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        match &self.affine {
-            None => Ok(normed),
-            Some((gamma, beta)) => normed
-                .broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&beta.reshape((1, c, 1, 1))?),
-        }
+        mdeq_kernels::group_norm(x, self.groups, self.affine.as_ref().map(|(g, b)| (g, b)), self.eps)
     }
 
     /// The same layer, optionally cut from the autodiff graph.
