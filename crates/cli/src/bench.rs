@@ -45,7 +45,10 @@ fn time_it(warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<()>) -> 
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
-    Ok(Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0] })
+    Ok(Timing {
+        median_ms: ms[ms.len() / 2],
+        min_ms: ms[0],
+    })
 }
 
 /// Peak resident memory of this process in MiB (VmHWM).
@@ -58,10 +61,14 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
     let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -73,97 +80,190 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
     let cfg = ExperimentConfig::load(&format!("{}/config.yaml", opts.fixture))?;
     let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
     let weights = format!("{}/weights.safetensors", opts.fixture);
-    mdeq_checkpoint::import::load_into(&model, mdeq_checkpoint::read_state_dict(&weights)?, &weights)?;
+    mdeq_checkpoint::import::load_into(
+        &model,
+        mdeq_checkpoint::read_state_dict(&weights)?,
+        &weights,
+    )?;
     let [h, w] = cfg.model.image_size;
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/meta.json", opts.fixture))?)?;
-    let input: Vec<usize> = meta["config"]["input_shape"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect()).unwrap_or(vec![1, 3, h, w]);
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(format!(
+        "{}/meta.json",
+        opts.fixture
+    ))?)?;
+    let input: Vec<usize> = meta["config"]["input_shape"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .collect()
+        })
+        .unwrap_or(vec![1, 3, h, w]);
     let layout = model.layout(input[2], input[3]);
     let b = opts.batch;
-    let shapes: Vec<_> = layout.branches.iter().map(|&(c, hh, ww)| (b, c, hh, ww)).collect();
-    let z: Vec<Tensor> = shapes.iter().enumerate().map(|(i, &s)| randn(s, 10 + i as u64)).collect::<Result<_>>()?;
+    let shapes: Vec<_> = layout
+        .branches
+        .iter()
+        .map(|&(c, hh, ww)| (b, c, hh, ww))
+        .collect();
+    let z: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| randn(s, 10 + i as u64))
+        .collect::<Result<_>>()?;
     let x: Vec<Tensor> = shapes
         .iter()
         .enumerate()
-        .map(|(i, &s)| if i == 0 { randn(s, 20) } else { Ok(Tensor::zeros(s, DType::F32, &Device::Cpu)?) })
+        .map(|(i, &s)| {
+            if i == 0 {
+                randn(s, 20)
+            } else {
+                Ok(Tensor::zeros(s, DType::F32, &Device::Cpu)?)
+            }
+        })
         .collect::<Result<_>>()?;
-    let v: Vec<Tensor> = shapes.iter().enumerate().map(|(i, &s)| randn(s, 30 + i as u64)).collect::<Result<_>>()?;
+    let v: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| randn(s, 30 + i as u64))
+        .collect::<Result<_>>()?;
     let v_flat = layout.flatten(&v)?;
     let masks = vec![None; shapes.len()];
-    let params: Vec<Tensor> = model.store().parameters().filter(|e| e.name.starts_with("fullstage.")).map(|e| e.var.as_tensor().clone()).collect();
+    let params: Vec<Tensor> = model
+        .store()
+        .parameters()
+        .filter(|e| e.name.starts_with("fullstage."))
+        .map(|e| e.var.as_tensor().clone())
+        .collect();
     let (warm, reps) = (opts.warmup, opts.repeats);
     let mut out = Vec::new();
 
     let fixed = model.cell().prepared(true)?;
-    out.push(("cell_forward", time_it(warm, reps, || {
-        fixed.forward(&z, &x, &masks)?;
-        Ok(())
-    })?));
+    out.push((
+        "cell_forward",
+        time_it(warm, reps, || {
+            fixed.forward(&z, &x, &masks)?;
+            Ok(())
+        })?,
+    ));
 
-    out.push(("forward_backward", time_it(warm, reps, || {
-        let cell = model.cell().prepared(false)?;
-        let zv = Var::from_tensor(&layout.flatten(&z)?)?;
-        let f = layout.flatten(&cell.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
-        let g = (f * &v_flat)?.sum_all()?.backward()?;
-        if g.get(zv.as_tensor()).is_none() || params.iter().any(|p| g.get(p).is_none()) {
-            bail!("forward_backward: a gradient is missing");
-        }
-        Ok(())
-    })?));
+    out.push((
+        "forward_backward",
+        time_it(warm, reps, || {
+            let cell = model.cell().prepared(false)?;
+            let zv = Var::from_tensor(&layout.flatten(&z)?)?;
+            let f =
+                layout.flatten(&cell.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
+            let g = (f * &v_flat)?.sum_all()?.backward()?;
+            if g.get(zv.as_tensor()).is_none() || params.iter().any(|p| g.get(p).is_none()) {
+                bail!("forward_backward: a gradient is missing");
+            }
+            Ok(())
+        })?,
+    ));
 
     let zv = Var::from_tensor(&layout.flatten(&z)?)?;
     let rec = layout.flatten(&fixed.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
     let mut graph = GraphVjp::new(zv, rec);
-    out.push(("vjp", time_it(warm, reps, || {
-        graph.vjp(&v_flat)?;
-        Ok(())
-    })?));
+    out.push((
+        "vjp",
+        time_it(warm, reps, || {
+            graph.vjp(&v_flat)?;
+            Ok(())
+        })?,
+    ));
 
-    out.push(("train_step", time_it(warm.min(1), reps.min(5), || {
-        let cell = model.cell().prepared(false)?;
-        let detached = model.cell().prepared(true)?;
-        let mut zs: Vec<Tensor> = shapes.iter().map(|&s| Tensor::zeros(s, DType::F32, &Device::Cpu)).collect::<candle_core::Result<_>>()?;
-        for _ in 0..opts.f_steps {
-            zs = detached.forward(&zs, &x, &masks)?;
-        }
-        let zstar = layout.flatten(&zs)?;
-        let zleaf = Var::from_tensor(&zstar)?;
-        let outp = layout.flatten(&cell.forward(&layout.unflatten(zleaf.as_tensor())?, &x, &masks)?)?;
-        let zv = Var::from_tensor(&zstar)?;
-        let rec = layout.flatten(&detached.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
-        let mut graph = GraphVjp::new(zv, rec);
-        let mut y = v_flat.clone();
-        for _ in 0..opts.b_steps {
-            y = (graph.vjp(&y)? + &v_flat)?;
-        }
-        let g = (outp * y)?.sum_all()?.backward()?;
-        if params.iter().any(|p| g.get(p).is_none()) {
-            bail!("train_step: a parameter gradient is missing");
-        }
-        Ok(())
-    })?));
+    out.push((
+        "train_step",
+        time_it(warm.min(1), reps.min(5), || {
+            let cell = model.cell().prepared(false)?;
+            let detached = model.cell().prepared(true)?;
+            let mut zs: Vec<Tensor> = shapes
+                .iter()
+                .map(|&s| Tensor::zeros(s, DType::F32, &Device::Cpu))
+                .collect::<candle_core::Result<_>>()?;
+            for _ in 0..opts.f_steps {
+                zs = detached.forward(&zs, &x, &masks)?;
+            }
+            let zstar = layout.flatten(&zs)?;
+            let zleaf = Var::from_tensor(&zstar)?;
+            let outp = layout.flatten(&cell.forward(
+                &layout.unflatten(zleaf.as_tensor())?,
+                &x,
+                &masks,
+            )?)?;
+            let zv = Var::from_tensor(&zstar)?;
+            let rec = layout.flatten(&detached.forward(
+                &layout.unflatten(zv.as_tensor())?,
+                &x,
+                &masks,
+            )?)?;
+            let mut graph = GraphVjp::new(zv, rec);
+            let mut y = v_flat.clone();
+            for _ in 0..opts.b_steps {
+                y = (graph.vjp(&y)? + &v_flat)?;
+            }
+            let g = (outp * y)?.sum_all()?.backward()?;
+            if params.iter().any(|p| g.get(p).is_none()) {
+                bail!("train_step: a parameter gradient is missing");
+            }
+            Ok(())
+        })?,
+    ));
     Ok(out)
 }
 
 /// Runs torch_cell.py with `python` and returns its timings (median, min) by figure name.
-pub fn run_torch(python: &str, script: &str, opts: &BenchOptions, threads: usize) -> Result<Map<String, Value>> {
+pub fn run_torch(
+    python: &str,
+    script: &str,
+    opts: &BenchOptions,
+    threads: usize,
+) -> Result<Map<String, Value>> {
     let output = std::process::Command::new(python)
         .arg(script)
         .args(["--fixture", &opts.fixture])
-        .args(["--batch", &opts.batch.to_string(), "--threads", &threads.to_string()])
-        .args(["--warmup", &opts.warmup.to_string(), "--repeats", &opts.repeats.to_string()])
-        .args(["--f-steps", &opts.f_steps.to_string(), "--b-steps", &opts.b_steps.to_string()])
+        .args([
+            "--batch",
+            &opts.batch.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .args([
+            "--warmup",
+            &opts.warmup.to_string(),
+            "--repeats",
+            &opts.repeats.to_string(),
+        ])
+        .args([
+            "--f-steps",
+            &opts.f_steps.to_string(),
+            "--b-steps",
+            &opts.b_steps.to_string(),
+        ])
         .output()
         .with_context(|| format!("running {python} {script}"))?;
     if !output.status.success() {
-        bail!("{python} {script} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{python} {script} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let report: Value = serde_json::from_slice(&output.stdout).context("torch_cell.py printed no JSON")?;
-    report["timings_ms"].as_object().cloned().context("torch_cell.py JSON has no timings_ms")
+    let report: Value =
+        serde_json::from_slice(&output.stdout).context("torch_cell.py printed no JSON")?;
+    report["timings_ms"]
+        .as_object()
+        .cloned()
+        .context("torch_cell.py JSON has no timings_ms")
 }
 
 /// torch_cell.py's name for each of our figures.
-pub const TORCH_NAMES: &[(&str, &str)] =
-    &[("cell_forward", "cell_nograd"), ("forward_backward", "fwd_bwd"), ("vjp", "vjp_z"), ("train_step", "train_step")];
+pub const TORCH_NAMES: &[(&str, &str)] = &[
+    ("cell_forward", "cell_nograd"),
+    ("forward_backward", "fwd_bwd"),
+    ("vjp", "vjp_z"),
+    ("train_step", "train_step"),
+];
 
 /// The JSON report: ours, torch's (lower of the runs' medians) and the ratios ours / torch.
 pub fn report(ours: &[(&str, Timing)], torch_runs: &[Map<String, Value>]) -> Value {
@@ -174,7 +274,10 @@ pub fn report(ours: &[(&str, Timing)], torch_runs: &[Map<String, Value>]) -> Val
     let mut torch = Map::new();
     let mut ratio = Map::new();
     for (ours_name, torch_name) in TORCH_NAMES {
-        let best = torch_runs.iter().filter_map(|r| r[*torch_name]["median_ms"].as_f64()).fold(f64::INFINITY, f64::min);
+        let best = torch_runs
+            .iter()
+            .filter_map(|r| r[*torch_name]["median_ms"].as_f64())
+            .fold(f64::INFINITY, f64::min);
         if best.is_finite() {
             torch.insert(ours_name.to_string(), json!(best));
             if let Some((_, t)) = ours.iter().find(|(n, _)| n == ours_name) {

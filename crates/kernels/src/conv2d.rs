@@ -4,31 +4,54 @@
 use crate::element::Element;
 use crate::gemm_ops::{matmul, Op};
 use crate::im2col::{col2im, im2col, Geometry};
-use crate::parallel::{for_each_chunk, Shared};
+use crate::parallel::{for_each_chunk, uninit_vec, with_best_isa, Shared};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 /// y = conv2d(x, w) with stride `stride` and padding `padding`; uses the fast kernels for f32/f64
 /// on the CPU and candle's convolution elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let fast = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype();
+    let fast = matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype();
     if !fast {
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let (_, c_in, _, _) = x.dims4()?;
     let (_, c_in_w, kh, kw) = w.dims4()?;
     if c_in != c_in_w || kh != kw {
-        candle_core::bail!("conv2d: input has {c_in} channels, kernel {:?} (square kernels only)", w.dims());
+        candle_core::bail!(
+            "conv2d: input has {c_in} channels, kernel {:?} (square kernels only)",
+            w.dims()
+        );
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dForward { stride, padding })
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dForward { stride, padding })
 }
 
-fn geometry(x_dims: &[usize], k: usize, stride: usize, padding: usize) -> Result<(usize, Geometry)> {
-    let [b, c_in, h, w] = x_dims else { candle_core::bail!("conv2d: expected a 4-D input, got {x_dims:?}") };
+fn geometry(
+    x_dims: &[usize],
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<(usize, Geometry)> {
+    let [b, c_in, h, w] = x_dims else {
+        candle_core::bail!("conv2d: expected a 4-D input, got {x_dims:?}")
+    };
     if h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
         candle_core::bail!("conv2d: kernel {k} does not fit input {h}x{w} with padding {padding}");
     }
-    Ok((*b, Geometry { c_in: *c_in, h: *h, w: *w, k, stride, padding }))
+    Ok((
+        *b,
+        Geometry {
+            c_in: *c_in,
+            h: *h,
+            w: *w,
+            k,
+            stride,
+            padding,
+        },
+    ))
 }
 
 /// Splits work over the batch when there are enough samples, otherwise inside gemm.
@@ -45,10 +68,16 @@ fn plan(batch: usize) -> (bool, Parallelism) {
 
 /// Calls `f(sample, out_chunk, scratch)` for every sample, over candle's CPU thread pool (the
 /// pool candle's own ops use, so the two never compete for the cores) when `parallel`.
-fn per_sample<T: Element>(out: &mut [T], chunk: usize, scratch_len: usize, parallel: bool, f: impl Fn(usize, &mut [T], &mut Vec<T>) + Sync) {
+fn per_sample<T: Element>(
+    out: &mut [T],
+    chunk: usize,
+    scratch_len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T], &mut Vec<T>) + Sync,
+) {
     let n = out.len() / chunk.max(1);
     if !parallel {
-        let mut scratch = vec![T::ZERO; scratch_len];
+        let mut scratch = uninit_vec::<T>(scratch_len); // im2col or gemm writes it in full
         for (s, o) in out.chunks_mut(chunk).enumerate() {
             f(s, o, &mut scratch);
         }
@@ -56,7 +85,7 @@ fn per_sample<T: Element>(out: &mut [T], chunk: usize, scratch_len: usize, paral
     }
     let ptr = Shared(out.as_mut_ptr());
     for_each_chunk(n, |range| {
-        let mut scratch = vec![T::ZERO; scratch_len];
+        let mut scratch = uninit_vec::<T>(scratch_len); // im2col or gemm writes it in full
         for s in range {
             // SAFETY: sample s owns out[s·chunk..(s+1)·chunk], and ranges are disjoint.
             let o = unsafe { ptr.slice(s * chunk, chunk) };
@@ -68,7 +97,8 @@ fn per_sample<T: Element>(out: &mut [T], chunk: usize, scratch_len: usize, paral
 fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) -> Vec<T> {
     let (rows, cols) = (g.rows(), g.cols());
     let in_len = g.c_in * g.h * g.w;
-    let mut y = vec![T::ZERO; b * c_out * cols];
+    // gemm without read_dst writes every output element.
+    let mut y = uninit_vec::<T>(b * c_out * cols);
     let (over_batch, par) = plan(b);
     let col_len = if g.is_pointwise() { 0 } else { rows * cols };
     per_sample(&mut y, c_out * cols, col_len, over_batch, |s, out, col| {
@@ -76,7 +106,7 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
         let src = if g.is_pointwise() {
             xs
         } else {
-            im2col(xs, &g, col);
+            with_best_isa(|| im2col(xs, &g, col));
             col.as_slice()
         };
         matmul(out, w, Op::N, src, Op::N, (c_out, cols, rows), false, par);
@@ -87,7 +117,8 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
 fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) -> Vec<T> {
     let (rows, cols) = (g.rows(), g.cols());
     let in_len = g.c_in * g.h * g.w;
-    let mut dx = vec![T::ZERO; b * in_len];
+    // Each sample's chunk is written by gemm (pointwise) or zeroed before col2im.
+    let mut dx = uninit_vec::<T>(b * in_len);
     let (over_batch, par) = plan(b);
     let col_len = if g.is_pointwise() { 0 } else { rows * cols };
     per_sample(&mut dx, in_len, col_len, over_batch, |s, out, col| {
@@ -96,7 +127,8 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry
             matmul(out, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
         } else {
             matmul(col, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
-            col2im(col, &g, out);
+            out.fill(T::ZERO);
+            with_best_isa(|| col2im(col, &g, out));
         }
     });
     dx
@@ -113,7 +145,7 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
         let src = if g.is_pointwise() {
             xs
         } else {
-            im2col(xs, &g, col);
+            with_best_isa(|| im2col(xs, &g, col));
             col.as_slice()
         };
         matmul(acc, dys, Op::N, src, Op::T, (c_out, rows, cols), true, par);
@@ -122,7 +154,7 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
     if over_batch {
         for_each_chunk(b, |range| {
             let mut acc = vec![T::ZERO; c_out * rows];
-            let mut col = vec![T::ZERO; col_len];
+            let mut col = uninit_vec::<T>(col_len); // im2col writes it in full
             for s in range {
                 accumulate(&mut acc, &mut col, s);
             }
@@ -131,7 +163,7 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
         });
     } else {
         let mut t = total.lock().expect("unpoisoned");
-        let mut col = vec![T::ZERO; col_len];
+        let mut col = uninit_vec::<T>(col_len); // im2col writes it in full
         (0..b).for_each(|s| accumulate(&mut t, &mut col, s));
     }
     total.into_inner().expect("unpoisoned")
@@ -158,20 +190,40 @@ impl CustomOp2 for Conv2dForward {
         "mdeq-conv2d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (c_out, _, k, _) = l2.shape().dims4()?;
         let (b, g) = geometry(l1.dims(), k, self.stride, self.padding)?;
         let out = dispatch!(s1, l1, s2, l2, forward, b, c_out, g);
         Ok((out, Shape::from((b, c_out, g.h_out(), g.w_out()))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, k, _) = w.dims4()?;
         let (_, g) = geometry(x.dims(), k, self.stride, self.padding)?;
         let dy = dy.contiguous()?;
         // Only what the graph needs: a VJP w.r.t. the state must not pay for weight gradients.
-        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &InputGrad { g })?) } else { None };
-        let dw = if w.track_op() { Some(dy.apply_op2_no_bwd(x, &WeightGrad { g })?) } else { None };
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(w, &InputGrad { g })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(dy.apply_op2_no_bwd(x, &WeightGrad { g })?)
+        } else {
+            None
+        };
         Ok((dx, dw))
     }
 }
@@ -186,7 +238,13 @@ impl CustomOp2 for InputGrad {
         "mdeq-conv2d-input-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, c_out, _, _) = l1.shape().dims4()?;
         let g = self.g;
         let out = dispatch!(s1, l1, s2, l2, input_grad, b, c_out, g);
@@ -204,7 +262,13 @@ impl CustomOp2 for WeightGrad {
         "mdeq-conv2d-weight-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, c_out, _, _) = l1.shape().dims4()?;
         let g = self.g;
         let out = dispatch!(s1, l1, s2, l2, weight_grad, b, c_out, g);

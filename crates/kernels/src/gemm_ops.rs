@@ -25,7 +25,10 @@ pub fn matmul<T: Element>(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul operand sizes");
+    assert!(
+        dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul operand sizes"
+    );
     let (a_cs, a_rs) = match op_a {
         Op::N => (1, k as isize),
         Op::T => (m as isize, 1),

@@ -7,11 +7,18 @@
 //! track float64 ones closely (candle reduces float32 sequentially).
 
 use crate::element::Element;
-use crate::parallel::{for_each_chunk, Shared};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use crate::parallel::{for_each_chunk, uninit_vec, with_best_isa, Shared};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
+};
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance; `affine` is (γ, β) of shape (C).
-pub fn group_norm(x: &Tensor, groups: usize, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
@@ -24,20 +31,33 @@ pub fn group_norm(x: &Tensor, groups: usize, affine: Option<(&Tensor, &Tensor)>,
     let x = x.contiguous()?;
     match affine {
         None => x.apply_op1(op),
-        Some((g, b)) => x.apply_op3(&g.to_dtype(x.dtype())?.contiguous()?, &b.to_dtype(x.dtype())?.contiguous()?, op),
+        Some((g, b)) => x.apply_op3(
+            &g.to_dtype(x.dtype())?.contiguous()?,
+            &b.to_dtype(x.dtype())?.contiguous()?,
+            op,
+        ),
     }
 }
 
 /// The same computation from candle ops (other devices and dtypes).
-pub fn composed(x: &Tensor, groups: usize, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+pub fn composed(
+    x: &Tensor,
+    groups: usize,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let g = x.reshape((b, groups, (c / groups) * h * w))?;
     let centered = g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.reshape((b, c, h, w))?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((b, c, h, w))?;
     match affine {
         None => Ok(normed),
-        Some((gamma, beta)) => normed.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?.broadcast_add(&beta.reshape((1, c, 1, 1))?),
+        Some((gamma, beta)) => normed
+            .broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&beta.reshape((1, c, 1, 1))?),
     }
 }
 
@@ -61,74 +81,104 @@ impl GroupNormOp {
         Ok((b, c, h * w, c / self.groups))
     }
 
-    fn forward<T: Element>(&self, x: &[T], affine: Option<(&[T], &[T])>, dims: (usize, usize, usize, usize)) -> Vec<T> {
+    fn forward<T: Element>(
+        &self,
+        x: &[T],
+        affine: Option<(&[T], &[T])>,
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<T> {
         let (b, c, hw, cpg) = dims;
         let group_len = cpg * hw;
-        let mut y = vec![T::ZERO; b * c * hw];
+        // Every group writes all of its elements.
+        let mut y = uninit_vec::<T>(b * c * hw);
         let out = Shared(y.as_mut_ptr());
         for_each_chunk(b * self.groups, |range| {
             for bg in range {
-                let xs = &x[bg * group_len..(bg + 1) * group_len];
-                // SAFETY: group bg owns y[bg·len..(bg+1)·len].
-                let ys = unsafe { out.slice(bg * group_len, group_len) };
-                let (mean, rstd) = stats(xs, self.eps);
-                for k in 0..cpg {
-                    let ch = (bg % self.groups) * cpg + k;
-                    let (scale, shift) = match affine {
-                        Some((g, bt)) => (g[ch].to_f64() * rstd, bt[ch].to_f64() - mean * rstd * g[ch].to_f64()),
-                        None => (rstd, -mean * rstd),
-                    };
-                    for (o, v) in ys[k * hw..(k + 1) * hw].iter_mut().zip(&xs[k * hw..(k + 1) * hw]) {
-                        *o = T::from_f64(v.to_f64() * scale + shift);
+                with_best_isa(|| {
+                    let xs = &x[bg * group_len..(bg + 1) * group_len];
+                    // SAFETY: group bg owns y[bg·len..(bg+1)·len].
+                    let ys = unsafe { out.slice(bg * group_len, group_len) };
+                    let (mean, rstd) = stats(xs, self.eps);
+                    for k in 0..cpg {
+                        let ch = (bg % self.groups) * cpg + k;
+                        let (scale, shift) = match affine {
+                            Some((g, bt)) => (
+                                g[ch].to_f64() * rstd,
+                                bt[ch].to_f64() - mean * rstd * g[ch].to_f64(),
+                            ),
+                            None => (rstd, -mean * rstd),
+                        };
+                        for (o, v) in ys[k * hw..(k + 1) * hw]
+                            .iter_mut()
+                            .zip(&xs[k * hw..(k + 1) * hw])
+                        {
+                            *o = T::from_f64(v.to_f64() * scale + shift);
+                        }
                     }
-                }
+                });
             }
         });
         y
     }
 
     /// dx followed by dγ and dβ (2·C values) in one buffer.
-    fn backward<T: Element>(&self, x: &[T], gamma: Option<&[T]>, dy: &[T], dims: (usize, usize, usize, usize)) -> Vec<T> {
+    fn backward<T: Element>(
+        &self,
+        x: &[T],
+        gamma: Option<&[T]>,
+        dy: &[T],
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<T> {
         let (b, c, hw, cpg) = dims;
         let group_len = cpg * hw;
-        let mut out = vec![T::ZERO; b * c * hw + 2 * c];
+        // dx is written in full by the groups, the 2·C tail after the loop.
+        let mut out = uninit_vec::<T>(b * c * hw + 2 * c);
         // Per-sample channel sums for dγ, dβ, reduced over the batch afterwards (deterministic).
         let mut partial = vec![0f64; b * c * 2];
         let (dx_ptr, part_ptr) = (Shared(out.as_mut_ptr()), Shared(partial.as_mut_ptr()));
         for_each_chunk(b * self.groups, |range| {
             for bg in range {
-                let xs = &x[bg * group_len..(bg + 1) * group_len];
-                let dys = &dy[bg * group_len..(bg + 1) * group_len];
-                // SAFETY: group bg owns its slice of dx and its channels' partial sums.
-                let dxs = unsafe { dx_ptr.slice(bg * group_len, group_len) };
-                let (mean, rstd) = stats(xs, self.eps);
-                let (sample, first_ch) = (bg / self.groups, (bg % self.groups) * cpg);
-                let parts = unsafe { part_ptr.slice((sample * c + first_ch) * 2, cpg * 2) };
-                // Σ dxhat and Σ dxhat·xhat over the group, where dxhat = dy·γ.
-                let (mut s1, mut s2) = (0f64, 0f64);
-                for k in 0..cpg {
-                    let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
-                    let (mut sdy, mut sdyx) = (0f64, 0f64);
-                    for (d, v) in dys[k * hw..(k + 1) * hw].iter().zip(&xs[k * hw..(k + 1) * hw]) {
-                        let xhat = (v.to_f64() - mean) * rstd;
-                        sdy += d.to_f64();
-                        sdyx += d.to_f64() * xhat;
+                with_best_isa(|| {
+                    let xs = &x[bg * group_len..(bg + 1) * group_len];
+                    let dys = &dy[bg * group_len..(bg + 1) * group_len];
+                    // SAFETY: group bg owns its slice of dx and its channels' partial sums.
+                    let dxs = unsafe { dx_ptr.slice(bg * group_len, group_len) };
+                    let (mean, rstd) = stats(xs, self.eps);
+                    let (sample, first_ch) = (bg / self.groups, (bg % self.groups) * cpg);
+                    let parts = unsafe { part_ptr.slice((sample * c + first_ch) * 2, cpg * 2) };
+                    // Σ dxhat and Σ dxhat·xhat over the group, where dxhat = dy·γ.
+                    let (mut s1, mut s2) = (0f64, 0f64);
+                    for k in 0..cpg {
+                        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
+                        let (mut sdy, mut sdyx) = (0f64, 0f64);
+                        for (d, v) in dys[k * hw..(k + 1) * hw]
+                            .iter()
+                            .zip(&xs[k * hw..(k + 1) * hw])
+                        {
+                            let xhat = (v.to_f64() - mean) * rstd;
+                            sdy += d.to_f64();
+                            sdyx += d.to_f64() * xhat;
+                        }
+                        parts[2 * k] = sdyx;
+                        parts[2 * k + 1] = sdy;
+                        s1 += sdy * gk;
+                        s2 += sdyx * gk;
                     }
-                    parts[2 * k] = sdyx;
-                    parts[2 * k + 1] = sdy;
-                    s1 += sdy * gk;
-                    s2 += sdyx * gk;
-                }
-                let n = group_len as f64;
-                let (m1, m2) = (s1 / n, s2 / n);
-                for k in 0..cpg {
-                    let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
-                    let range = k * hw..(k + 1) * hw;
-                    for ((o, d), v) in dxs[range.clone()].iter_mut().zip(&dys[range.clone()]).zip(&xs[range]) {
-                        let xhat = (v.to_f64() - mean) * rstd;
-                        *o = T::from_f64(rstd * (d.to_f64() * gk - m1 - xhat * m2));
+                    let n = group_len as f64;
+                    let (m1, m2) = (s1 / n, s2 / n);
+                    for k in 0..cpg {
+                        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
+                        let range = k * hw..(k + 1) * hw;
+                        for ((o, d), v) in dxs[range.clone()]
+                            .iter_mut()
+                            .zip(&dys[range.clone()])
+                            .zip(&xs[range])
+                        {
+                            let xhat = (v.to_f64() - mean) * rstd;
+                            *o = T::from_f64(rstd * (d.to_f64() * gk - m1 - xhat * m2));
+                        }
                     }
-                }
+                });
             }
         });
         let tail = &mut out[b * c * hw..];
@@ -173,8 +223,16 @@ impl CustomOp1 for GroupNormOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let grads = x.apply_op2_no_bwd(&dy.contiguous()?, &Backward { op: *self, affine: false })?;
-        Ok(Some(grads.narrow(0, 0, x.elem_count())?.reshape(x.shape())?))
+        let grads = x.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &Backward {
+                op: *self,
+                affine: false,
+            },
+        )?;
+        Ok(Some(
+            grads.narrow(0, 0, x.elem_count())?.reshape(x.shape())?,
+        ))
     }
 }
 
@@ -183,7 +241,15 @@ impl CustomOp3 for GroupNormOp {
         "mdeq-group-norm-affine"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
         if l2.shape().elem_count() != dims.1 || l3.shape().elem_count() != dims.1 {
             candle_core::bail!("group_norm: affine parameters must have {} entries", dims.1);
@@ -192,14 +258,31 @@ impl CustomOp3 for GroupNormOp {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = Tensor::cat(&[x.flatten_all()?, gamma.flatten_all()?], 0)?;
-        let grads = packed.apply_op2_no_bwd(&dy.contiguous()?, &Backward { op: *self, affine: true })?;
+        let grads = packed.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &Backward {
+                op: *self,
+                affine: true,
+            },
+        )?;
         let (n, c) = (x.elem_count(), gamma.elem_count());
         let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
         let dgamma = grads.narrow(0, n, c)?.reshape(gamma.shape())?;
         let dbeta = grads.narrow(0, n + c, c)?.reshape(gamma.shape())?;
-        Ok((Some(dx), gamma.track_op().then_some(dgamma), beta.track_op().then_some(dbeta)))
+        Ok((
+            Some(dx),
+            gamma.track_op().then_some(dgamma),
+            beta.track_op().then_some(dbeta),
+        ))
     }
 }
 
@@ -214,7 +297,13 @@ impl candle_core::CustomOp2 for Backward {
         "mdeq-group-norm-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = self.op.dims(l2)?;
         let n = l2.shape().elem_count();
         let out = for_float!(s1, T => {

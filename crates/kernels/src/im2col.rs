@@ -46,7 +46,11 @@ impl Geometry {
         let (s, p) = (self.stride, self.padding);
         let first = if kk >= p { 0 } else { (p - kk).div_ceil(s) };
         // o·s + kk − p ≤ n_in − 1  ⇔  o ≤ (n_in − 1 + p − kk) / s
-        let last = if n_in + p > kk { ((n_in - 1 + p - kk) / s + 1).min(n_out) } else { 0 };
+        let last = if n_in + p > kk {
+            ((n_in - 1 + p - kk) / s + 1).min(n_out)
+        } else {
+            0
+        };
         (first.min(last), last)
     }
 }

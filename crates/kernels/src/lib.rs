@@ -12,6 +12,8 @@ mod parallel;
 
 pub mod conv2d;
 pub mod group_norm;
+pub mod relu;
 
 pub use conv2d::conv2d;
 pub use group_norm::group_norm;
+pub use relu::relu;

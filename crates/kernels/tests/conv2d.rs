@@ -6,15 +6,31 @@ use mdeq_kernels::conv2d;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|i| (((i as u64 + 1) * (seed * 2654435761 + 97)) % 1000) as f64 / 500.0 - 1.0).collect();
+    let v: Vec<f64> = (0..n)
+        .map(|i| (((i as u64 + 1) * (seed * 2654435761 + 97)) % 1000) as f64 / 500.0 - 1.0)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let err = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    err / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-300)
+    let err = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    err / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-300)
 }
 
 /// (batch, c_in, h, w, c_out, k, stride)
@@ -40,18 +56,40 @@ fn forward_and_both_gradients_match_candle_in_f64_and_f32() {
             let ours = conv2d(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
             let reference = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1).unwrap();
             assert_eq!(ours.dims(), reference.dims());
-            assert!(max_rel(&ours, &reference) < tol, "forward {:?} {dtype:?}", (b, ci, h, w, co, k, s));
+            assert!(
+                max_rel(&ours, &reference) < tol,
+                "forward {:?} {dtype:?}",
+                (b, ci, h, w, co, k, s)
+            );
             let upstream = rand(ours.dims(), 3).to_dtype(dtype).unwrap();
-            let g_ours = (&ours * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ours = (&ours * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             // candle 0.11's own backward fails for stride 2 on odd sizes (its transposed
             // convolution returns the wrong shape); those cases are covered by finite differences.
-            let Ok(g_ref) = (&reference * &upstream).unwrap().sum_all().unwrap().backward() else {
+            let Ok(g_ref) = (&reference * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+            else {
                 assert!(s == 2, "candle backward failed on a stride-1 case");
                 continue;
             };
             for (name, v) in [("input", &x), ("weight", &wt)] {
-                let (a, r) = (g_ours.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
-                assert!(max_rel(a, r) < tol, "{name} gradient {:?} {dtype:?}: {}", (b, ci, h, w, co, k, s), max_rel(a, r));
+                let (a, r) = (
+                    g_ours.get(v.as_tensor()).unwrap(),
+                    g_ref.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_rel(a, r) < tol,
+                    "{name} gradient {:?} {dtype:?}: {}",
+                    (b, ci, h, w, co, k, s),
+                    max_rel(a, r)
+                );
             }
         }
     }
@@ -70,12 +108,27 @@ fn finite_difference_check(b: usize, ci: usize, h: usize, w: usize, co: usize, k
     let p = k / 2;
     let out = conv2d(&x0, &w0, s, p).unwrap();
     let up = rand(out.dims(), 7);
-    let loss = |x: &Tensor, wt: &Tensor| (conv2d(x, wt, s, p).unwrap() * &up).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let loss = |x: &Tensor, wt: &Tensor| {
+        (conv2d(x, wt, s, p).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     let xv = Var::from_tensor(&x0).unwrap();
     let wv = Var::from_tensor(&w0).unwrap();
-    let g = (conv2d(xv.as_tensor(), wv.as_tensor(), s, p).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = (conv2d(xv.as_tensor(), wv.as_tensor(), s, p).unwrap() * &up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let h_step = 1e-6;
-    for (which, base, grad) in [(0, &x0, g.get(xv.as_tensor()).unwrap()), (1, &w0, g.get(wv.as_tensor()).unwrap())] {
+    for (which, base, grad) in [
+        (0, &x0, g.get(xv.as_tensor()).unwrap()),
+        (1, &w0, g.get(wv.as_tensor()).unwrap()),
+    ] {
         let flat = base.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let gflat = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for i in (0..flat.len()).step_by(1 + flat.len() / 40) {
@@ -83,11 +136,20 @@ fn finite_difference_check(b: usize, ci: usize, h: usize, w: usize, co: usize, k
                 let mut v = flat.clone();
                 v[i] += d;
                 let t = Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap();
-                if which == 0 { loss(&t, &w0) } else { loss(&x0, &t) }
+                if which == 0 {
+                    loss(&t, &w0)
+                } else {
+                    loss(&x0, &t)
+                }
             };
             let fd = (at(h_step) - at(-h_step)) / (2.0 * h_step);
             let what = if which == 0 { "input" } else { "weight" };
-            assert!((fd - gflat[i]).abs() < 1e-7 * (1.0 + fd.abs()), "{what} [{i}] of {:?}: {} vs {fd}", (b, ci, h, w, co, k, s), gflat[i]);
+            assert!(
+                (fd - gflat[i]).abs() < 1e-7 * (1.0 + fd.abs()),
+                "{what} [{i}] of {:?}: {} vs {fd}",
+                (b, ci, h, w, co, k, s),
+                gflat[i]
+            );
         }
     }
 }

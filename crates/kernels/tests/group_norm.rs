@@ -6,42 +6,88 @@ use mdeq_kernels::group_norm::{composed, group_norm};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|i| (((i as u64 + 3) * (seed * 2654435761 + 11)) % 997) as f64 / 300.0 - 1.5).collect();
+    let v: Vec<f64> = (0..n)
+        .map(|i| (((i as u64 + 3) * (seed * 2654435761 + 11)) % 997) as f64 / 300.0 - 1.5)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let e = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    e / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-300)
+    let e = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    e / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-300)
 }
 
 #[test]
 fn fused_matches_composed_forward_and_backward() {
     // (batch, channels, h, w, groups)
-    for &(b, c, h, w, g) in &[(1, 4, 3, 5, 2), (3, 24, 8, 8, 8), (2, 12, 5, 7, 4), (2, 6, 1, 1, 3), (2, 120, 4, 4, 8)] {
+    for &(b, c, h, w, g) in &[
+        (1, 4, 3, 5, 2),
+        (3, 24, 8, 8, 8),
+        (2, 12, 5, 7, 4),
+        (2, 6, 1, 1, 3),
+        (2, 120, 4, 4, 8),
+    ] {
         for affine in [false, true] {
             for dtype in [DType::F64, DType::F32] {
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
                 let x = Var::from_tensor(&rand(&[b, c, h, w], 1).to_dtype(dtype).unwrap()).unwrap();
-                let gamma = Var::from_tensor(&(rand(&[c], 2) + 1.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
+                let gamma =
+                    Var::from_tensor(&(rand(&[c], 2) + 1.0).unwrap().to_dtype(dtype).unwrap())
+                        .unwrap();
                 let beta = Var::from_tensor(&rand(&[c], 3).to_dtype(dtype).unwrap()).unwrap();
                 let aff = affine.then(|| (gamma.as_tensor(), beta.as_tensor()));
                 let ours = group_norm(x.as_tensor(), g, aff, 1e-5).unwrap();
                 let reference = composed(x.as_tensor(), g, aff, 1e-5).unwrap();
-                assert!(max_rel(&ours, &reference) < tol, "forward {:?}", (b, c, h, w, g, affine, dtype));
+                assert!(
+                    max_rel(&ours, &reference) < tol,
+                    "forward {:?}",
+                    (b, c, h, w, g, affine, dtype)
+                );
                 let up = rand(&[b, c, h, w], 4).to_dtype(dtype).unwrap();
-                let go = (&ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-                let gr = (&reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let go = (&ours * &up)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gr = (&reference * &up)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 let mut vars = vec![("x", &x)];
                 if affine {
                     vars.extend([("gamma", &gamma), ("beta", &beta)]);
                 }
                 for (name, v) in vars {
-                    let (a, r) = (go.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+                    let (a, r) = (
+                        go.get(v.as_tensor()).unwrap(),
+                        gr.get(v.as_tensor()).unwrap(),
+                    );
                     // dx sums to zero per group, so compare against the gradient's own scale.
-                    assert!(max_rel(a, r) < tol * 10.0, "{name} {:?}: {}", (b, c, h, w, g, affine, dtype), max_rel(a, r));
+                    assert!(
+                        max_rel(a, r) < tol * 10.0,
+                        "{name} {:?}: {}",
+                        (b, c, h, w, g, affine, dtype),
+                        max_rel(a, r)
+                    );
                 }
             }
         }
@@ -55,10 +101,28 @@ fn input_gradient_matches_finite_differences() {
     let gamma = (rand(&[c], 8) + 1.0).unwrap();
     let beta = rand(&[c], 9);
     let up = rand(&[b, c, h, w], 10);
-    let loss = |x: &Tensor| (group_norm(x, g, Some((&gamma, &beta)), 1e-5).unwrap() * &up).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let loss = |x: &Tensor| {
+        (group_norm(x, g, Some((&gamma, &beta)), 1e-5).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     let xv = Var::from_tensor(&x0).unwrap();
-    let grad = (group_norm(xv.as_tensor(), g, Some((&gamma, &beta)), 1e-5).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
-    let grad = grad.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let grad = (group_norm(xv.as_tensor(), g, Some((&gamma, &beta)), 1e-5).unwrap() * &up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = grad
+        .get(xv.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let flat = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     for i in (0..flat.len()).step_by(5) {
         let at = |d: f64| {
@@ -67,6 +131,10 @@ fn input_gradient_matches_finite_differences() {
             loss(&Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap())
         };
         let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
-        assert!((fd - grad[i]).abs() < 1e-6 * (1.0 + fd.abs()), "[{i}] {} vs {fd}", grad[i]);
+        assert!(
+            (fd - grad[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "[{i}] {} vs {fd}",
+            grad[i]
+        );
     }
 }

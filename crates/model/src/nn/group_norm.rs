@@ -47,7 +47,12 @@ impl GroupNorm {
 
     /// Normalises `x` of shape (B, C, H, W) (fused kernel on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        mdeq_kernels::group_norm(x, self.groups, self.affine.as_ref().map(|(g, b)| (g, b)), self.eps)
+        mdeq_kernels::group_norm(
+            x,
+            self.groups,
+            self.affine.as_ref().map(|(g, b)| (g, b)),
+            self.eps,
+        )
     }
 
     /// The same layer, optionally cut from the autodiff graph.

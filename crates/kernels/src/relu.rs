@@ -1,0 +1,95 @@
+//! ReLU with PyTorch's derivative at 0 (zero), one pass forward and one pass backward.
+//!
+//! candle's own `relu` back-propagates 1 at exactly 0; composing the PyTorch semantics from candle
+//! ops costs four passes each way.
+
+use crate::element::Element;
+use crate::parallel::{for_each_chunk, uninit_vec, with_best_isa, Shared};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+
+/// max(x, 0) with d/dx = 1 for x > 0 and 0 otherwise.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(Relu)
+    } else {
+        let positive = x.gt(0.0)?.to_dtype(x.dtype())?;
+        x * positive
+    }
+}
+
+const BLOCK: usize = 1 << 14;
+
+fn map<T: Element>(n: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    // Every element is written by `f` below.
+    let mut out = uninit_vec::<T>(n);
+    let ptr = Shared(out.as_mut_ptr());
+    for_each_chunk(n.div_ceil(BLOCK), |blocks| {
+        for blk in blocks {
+            let start = blk * BLOCK;
+            let len = BLOCK.min(n - start);
+            // SAFETY: block blk owns out[start..start+len].
+            with_best_isa(|| f(start, unsafe { ptr.slice(start, len) }));
+        }
+    });
+    out
+}
+
+fn forward<T: Element>(x: &[T]) -> Vec<T> {
+    map(x.len(), |start, out| {
+        for (o, v) in out.iter_mut().zip(&x[start..]) {
+            *o = if v.to_f64() > 0.0 { *v } else { T::ZERO };
+        }
+    })
+}
+
+fn backward<T: Element>(x: &[T], dy: &[T]) -> Vec<T> {
+    map(x.len(), |start, out| {
+        for ((o, v), d) in out.iter_mut().zip(&x[start..]).zip(&dy[start..]) {
+            *o = if v.to_f64() > 0.0 { *d } else { T::ZERO };
+        }
+    })
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "mdeq-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => f32::storage(forward(f32::slice(s, l)?)),
+            CpuStorage::F64(_) => f64::storage(forward(f64::slice(s, l)?)),
+            _ => candle_core::bail!("relu: f32 and f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &ReluBackward)?))
+    }
+}
+
+struct ReluBackward;
+
+impl CustomOp2 for ReluBackward {
+    fn name(&self) -> &'static str {
+        "mdeq-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::storage(backward(f32::slice(s1, l1)?, f32::slice(s2, l2)?)),
+            CpuStorage::F64(_) => f64::storage(backward(f64::slice(s1, l1)?, f64::slice(s2, l2)?)),
+            _ => candle_core::bail!("relu: f32 and f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
