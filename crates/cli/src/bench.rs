@@ -23,6 +23,14 @@ pub struct BenchOptions {
     pub f_steps: usize,
     /// Plain backward iterations in the train-step stand-in.
     pub b_steps: usize,
+    /// Figures to time (empty: all).
+    pub only: Vec<String>,
+}
+
+impl BenchOptions {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
 }
 
 /// Median and minimum wall time in milliseconds.
@@ -139,77 +147,88 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
     let mut out = Vec::new();
 
     let fixed = model.cell().prepared(true)?;
-    out.push((
-        "cell_forward",
-        time_it(warm, reps, || {
-            fixed.forward(&z, &x, &masks)?;
-            Ok(())
-        })?,
-    ));
+    if opts.wants("cell_forward") {
+        out.push((
+            "cell_forward",
+            time_it(warm, reps, || {
+                fixed.forward(&z, &x, &masks)?;
+                Ok(())
+            })?,
+        ));
+    }
 
-    out.push((
-        "forward_backward",
-        time_it(warm, reps, || {
-            let cell = model.cell().prepared(false)?;
-            let zv = Var::from_tensor(&layout.flatten(&z)?)?;
-            let f =
-                layout.flatten(&cell.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
-            let g = (f * &v_flat)?.sum_all()?.backward()?;
-            if g.get(zv.as_tensor()).is_none() || params.iter().any(|p| g.get(p).is_none()) {
-                bail!("forward_backward: a gradient is missing");
-            }
-            Ok(())
-        })?,
-    ));
+    if opts.wants("forward_backward") {
+        out.push((
+            "forward_backward",
+            time_it(warm, reps, || {
+                let cell = model.cell().prepared(false)?;
+                let zv = Var::from_tensor(&layout.flatten(&z)?)?;
+                let f = layout.flatten(&cell.forward(
+                    &layout.unflatten(zv.as_tensor())?,
+                    &x,
+                    &masks,
+                )?)?;
+                let g = (f * &v_flat)?.sum_all()?.backward()?;
+                if g.get(zv.as_tensor()).is_none() || params.iter().any(|p| g.get(p).is_none()) {
+                    bail!("forward_backward: a gradient is missing");
+                }
+                Ok(())
+            })?,
+        ));
+    }
 
     let zv = Var::from_tensor(&layout.flatten(&z)?)?;
     let rec = layout.flatten(&fixed.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
     let mut graph = GraphVjp::new(zv, rec);
-    out.push((
-        "vjp",
-        time_it(warm, reps, || {
-            graph.vjp(&v_flat)?;
-            Ok(())
-        })?,
-    ));
+    if opts.wants("vjp") {
+        out.push((
+            "vjp",
+            time_it(warm, reps, || {
+                graph.vjp(&v_flat)?;
+                Ok(())
+            })?,
+        ));
+    }
 
-    out.push((
-        "train_step",
-        time_it(warm.min(1), reps.min(5), || {
-            let cell = model.cell().prepared(false)?;
-            let detached = model.cell().prepared(true)?;
-            let mut zs: Vec<Tensor> = shapes
-                .iter()
-                .map(|&s| Tensor::zeros(s, DType::F32, &Device::Cpu))
-                .collect::<candle_core::Result<_>>()?;
-            for _ in 0..opts.f_steps {
-                zs = detached.forward(&zs, &x, &masks)?;
-            }
-            let zstar = layout.flatten(&zs)?;
-            let zleaf = Var::from_tensor(&zstar)?;
-            let outp = layout.flatten(&cell.forward(
-                &layout.unflatten(zleaf.as_tensor())?,
-                &x,
-                &masks,
-            )?)?;
-            let zv = Var::from_tensor(&zstar)?;
-            let rec = layout.flatten(&detached.forward(
-                &layout.unflatten(zv.as_tensor())?,
-                &x,
-                &masks,
-            )?)?;
-            let mut graph = GraphVjp::new(zv, rec);
-            let mut y = v_flat.clone();
-            for _ in 0..opts.b_steps {
-                y = (graph.vjp(&y)? + &v_flat)?;
-            }
-            let g = (outp * y)?.sum_all()?.backward()?;
-            if params.iter().any(|p| g.get(p).is_none()) {
-                bail!("train_step: a parameter gradient is missing");
-            }
-            Ok(())
-        })?,
-    ));
+    if opts.wants("train_step") {
+        out.push((
+            "train_step",
+            time_it(warm.min(1), reps.min(5), || {
+                let cell = model.cell().prepared(false)?;
+                let detached = model.cell().prepared(true)?;
+                let mut zs: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|&s| Tensor::zeros(s, DType::F32, &Device::Cpu))
+                    .collect::<candle_core::Result<_>>()?;
+                for _ in 0..opts.f_steps {
+                    zs = detached.forward(&zs, &x, &masks)?;
+                }
+                let zstar = layout.flatten(&zs)?;
+                let zleaf = Var::from_tensor(&zstar)?;
+                let outp = layout.flatten(&cell.forward(
+                    &layout.unflatten(zleaf.as_tensor())?,
+                    &x,
+                    &masks,
+                )?)?;
+                let zv = Var::from_tensor(&zstar)?;
+                let rec = layout.flatten(&detached.forward(
+                    &layout.unflatten(zv.as_tensor())?,
+                    &x,
+                    &masks,
+                )?)?;
+                let mut graph = GraphVjp::new(zv, rec);
+                let mut y = v_flat.clone();
+                for _ in 0..opts.b_steps {
+                    y = (graph.vjp(&y)? + &v_flat)?;
+                }
+                let g = (outp * y)?.sum_all()?.backward()?;
+                if params.iter().any(|p| g.get(p).is_none()) {
+                    bail!("train_step: a parameter gradient is missing");
+                }
+                Ok(())
+            })?,
+        ));
+    }
     Ok(out)
 }
 

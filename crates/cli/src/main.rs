@@ -110,6 +110,9 @@ enum Command {
         /// The PyTorch reference script.
         #[arg(long, default_value = "../shared/bench/torch_cell.py")]
         torch_script: String,
+        /// Only these figures (cell_forward, forward_backward, vjp, train_step), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> Result<()> {
             b_steps,
             compare_torch,
             torch_script,
+            only,
         } => {
             let opts = mdeq::bench::BenchOptions {
                 fixture,
@@ -198,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
                 repeats,
                 f_steps,
                 b_steps,
+                only,
             };
             let threads = rayon_threads();
             let mut torch_runs = Vec::new();

@@ -68,6 +68,7 @@ struct GroupNormOp {
 }
 
 /// (mean, 1/σ) of one group.
+#[inline(always)]
 fn stats<T: Element>(x: &[T], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
     let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
@@ -94,28 +95,11 @@ impl GroupNormOp {
         let out = Shared(y.as_mut_ptr());
         for_each_chunk(b * self.groups, |range| {
             for bg in range {
-                with_best_isa(|| {
-                    let xs = &x[bg * group_len..(bg + 1) * group_len];
-                    // SAFETY: group bg owns y[bg·len..(bg+1)·len].
-                    let ys = unsafe { out.slice(bg * group_len, group_len) };
-                    let (mean, rstd) = stats(xs, self.eps);
-                    for k in 0..cpg {
-                        let ch = (bg % self.groups) * cpg + k;
-                        let (scale, shift) = match affine {
-                            Some((g, bt)) => (
-                                g[ch].to_f64() * rstd,
-                                bt[ch].to_f64() - mean * rstd * g[ch].to_f64(),
-                            ),
-                            None => (rstd, -mean * rstd),
-                        };
-                        for (o, v) in ys[k * hw..(k + 1) * hw]
-                            .iter_mut()
-                            .zip(&xs[k * hw..(k + 1) * hw])
-                        {
-                            *o = T::from_f64(v.to_f64() * scale + shift);
-                        }
-                    }
-                });
+                // SAFETY: group bg owns y[bg·len..(bg+1)·len].
+                let ys = unsafe { out.slice(bg * group_len, group_len) };
+                let xs = &x[bg * group_len..(bg + 1) * group_len];
+                let first_ch = (bg % self.groups) * cpg;
+                with_best_isa(|| forward_group(xs, ys, affine, first_ch, hw, self.eps));
             }
         });
         y
@@ -138,46 +122,14 @@ impl GroupNormOp {
         let (dx_ptr, part_ptr) = (Shared(out.as_mut_ptr()), Shared(partial.as_mut_ptr()));
         for_each_chunk(b * self.groups, |range| {
             for bg in range {
+                let (sample, first_ch) = (bg / self.groups, (bg % self.groups) * cpg);
+                // SAFETY: group bg owns its slice of dx and its channels' partial sums.
+                let dxs = unsafe { dx_ptr.slice(bg * group_len, group_len) };
+                let parts = unsafe { part_ptr.slice((sample * c + first_ch) * 2, cpg * 2) };
+                let span = bg * group_len..(bg + 1) * group_len;
+                let (xs, dys) = (&x[span.clone()], &dy[span]);
                 with_best_isa(|| {
-                    let xs = &x[bg * group_len..(bg + 1) * group_len];
-                    let dys = &dy[bg * group_len..(bg + 1) * group_len];
-                    // SAFETY: group bg owns its slice of dx and its channels' partial sums.
-                    let dxs = unsafe { dx_ptr.slice(bg * group_len, group_len) };
-                    let (mean, rstd) = stats(xs, self.eps);
-                    let (sample, first_ch) = (bg / self.groups, (bg % self.groups) * cpg);
-                    let parts = unsafe { part_ptr.slice((sample * c + first_ch) * 2, cpg * 2) };
-                    // Σ dxhat and Σ dxhat·xhat over the group, where dxhat = dy·γ.
-                    let (mut s1, mut s2) = (0f64, 0f64);
-                    for k in 0..cpg {
-                        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
-                        let (mut sdy, mut sdyx) = (0f64, 0f64);
-                        for (d, v) in dys[k * hw..(k + 1) * hw]
-                            .iter()
-                            .zip(&xs[k * hw..(k + 1) * hw])
-                        {
-                            let xhat = (v.to_f64() - mean) * rstd;
-                            sdy += d.to_f64();
-                            sdyx += d.to_f64() * xhat;
-                        }
-                        parts[2 * k] = sdyx;
-                        parts[2 * k + 1] = sdy;
-                        s1 += sdy * gk;
-                        s2 += sdyx * gk;
-                    }
-                    let n = group_len as f64;
-                    let (m1, m2) = (s1 / n, s2 / n);
-                    for k in 0..cpg {
-                        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
-                        let range = k * hw..(k + 1) * hw;
-                        for ((o, d), v) in dxs[range.clone()]
-                            .iter_mut()
-                            .zip(&dys[range.clone()])
-                            .zip(&xs[range])
-                        {
-                            let xhat = (v.to_f64() - mean) * rstd;
-                            *o = T::from_f64(rstd * (d.to_f64() * gk - m1 - xhat * m2));
-                        }
-                    }
+                    backward_group(xs, dys, dxs, parts, gamma, first_ch, hw, self.eps)
                 });
             }
         });
@@ -192,6 +144,76 @@ impl GroupNormOp {
             tail[c + ch] = T::from_f64(db);
         }
         out
+    }
+}
+
+#[inline(always)]
+fn forward_group<T: Element>(
+    xs: &[T],
+    ys: &mut [T],
+    affine: Option<(&[T], &[T])>,
+    first_ch: usize,
+    hw: usize,
+    eps: f64,
+) {
+    let (mean, rstd) = stats(xs, eps);
+    for (k, (yc, xc)) in ys.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
+        let ch = first_ch + k;
+        let (scale, shift) = match affine {
+            Some((g, bt)) => (
+                g[ch].to_f64() * rstd,
+                bt[ch].to_f64() - mean * rstd * g[ch].to_f64(),
+            ),
+            None => (rstd, -mean * rstd),
+        };
+        for (o, v) in yc.iter_mut().zip(xc) {
+            *o = T::from_f64(v.to_f64() * scale + shift);
+        }
+    }
+}
+
+/// dx of one group, and per channel (Σ dy·x̂, Σ dy) into `parts`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_group<T: Element>(
+    xs: &[T],
+    dys: &[T],
+    dxs: &mut [T],
+    parts: &mut [f64],
+    gamma: Option<&[T]>,
+    first_ch: usize,
+    hw: usize,
+    eps: f64,
+) {
+    let (mean, rstd) = stats(xs, eps);
+    // Σ dx̂ and Σ dx̂·x̂ over the group, where dx̂ = dy·γ.
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for (k, (dc, xc)) in dys.chunks_exact(hw).zip(xs.chunks_exact(hw)).enumerate() {
+        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
+        let (mut sdy, mut sdyx) = (0f64, 0f64);
+        for (d, v) in dc.iter().zip(xc) {
+            let xhat = (v.to_f64() - mean) * rstd;
+            sdy += d.to_f64();
+            sdyx += d.to_f64() * xhat;
+        }
+        parts[2 * k] = sdyx;
+        parts[2 * k + 1] = sdy;
+        s1 += sdy * gk;
+        s2 += sdyx * gk;
+    }
+    let n = xs.len() as f64;
+    let (m1, m2) = (s1 / n, s2 / n);
+    for (k, ((oc, dc), xc)) in dxs
+        .chunks_exact_mut(hw)
+        .zip(dys.chunks_exact(hw))
+        .zip(xs.chunks_exact(hw))
+        .enumerate()
+    {
+        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
+        for ((o, d), v) in oc.iter_mut().zip(dc).zip(xc) {
+            let xhat = (v.to_f64() - mean) * rstd;
+            *o = T::from_f64(rstd * (d.to_f64() * gk - m1 - xhat * m2));
+        }
     }
 }
 
