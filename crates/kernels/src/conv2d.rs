@@ -115,6 +115,22 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
 }
 
 fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) -> Vec<T> {
+    // A stride-1 "same" convolution's input gradient is itself a forward convolution of dy with
+    // the flipped, transposed kernel. When dy has fewer channels than x, unfolding dy is cheaper
+    // than scattering the larger column matrix back with col2im.
+    if g.stride == 1 && 2 * g.padding + 1 == g.k && c_out < g.c_in && !g.is_pointwise() {
+        let k2 = g.k * g.k;
+        let mut flipped = uninit_vec::<T>(w.len()); // every element is assigned below
+        for co in 0..c_out {
+            for ci in 0..g.c_in {
+                for t in 0..k2 {
+                    flipped[(ci * c_out + co) * k2 + (k2 - 1 - t)] = w[(co * g.c_in + ci) * k2 + t];
+                }
+            }
+        }
+        let gt = Geometry { c_in: c_out, ..g };
+        return forward(dy, &flipped, b, g.c_in, gt);
+    }
     let (rows, cols) = (g.rows(), g.cols());
     let in_len = g.c_in * g.h * g.w;
     // Each sample's chunk is written by gemm (pointwise) or zeroed before col2im.
