@@ -15,7 +15,8 @@ fn linear_vjp(lambda: [f64; D]) -> impl FnMut(&Tensor) -> candle_core::Result<Te
         for c in 0..D {
             let mut acc = 0.0;
             for k in 0..D {
-                let q = |a: usize, b: usize| (if a == b { 1.0 } else { 0.0 }) - 2.0 * u[a] * u[b] / n2;
+                let q =
+                    |a: usize, b: usize| (if a == b { 1.0 } else { 0.0 }) - 2.0 * u[a] * u[b] / n2;
                 acc += q(r, k) * lambda[k] * q(c, k);
             }
             j[r * D + c] = acc;
@@ -44,16 +45,29 @@ fn hutchinson_estimates_the_frobenius_norm_and_converges() {
     let like = Tensor::zeros((4, D), DType::F64, &Device::Cpu).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut vjp = linear_vjp(lambda);
-    let err_with = |probes: usize, rng: &mut rand::rngs::StdRng, vjp: &mut dyn FnMut(&Tensor) -> candle_core::Result<Tensor>| {
-        let trials = 20;
-        let mse: f64 = (0..trials)
-            .map(|_| (frobenius_sq_hutchinson(vjp, &like, probes, rng).unwrap().to_scalar::<f64>().unwrap() - exact).powi(2))
-            .sum::<f64>()
-            / trials as f64;
-        mse.sqrt() / exact
-    };
+    let err_with =
+        |probes: usize,
+         rng: &mut rand::rngs::StdRng,
+         vjp: &mut dyn FnMut(&Tensor) -> candle_core::Result<Tensor>| {
+            let trials = 20;
+            let mse: f64 = (0..trials)
+                .map(|_| {
+                    (frobenius_sq_hutchinson(vjp, &like, probes, rng)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                        - exact)
+                        .powi(2)
+                })
+                .sum::<f64>()
+                / trials as f64;
+            mse.sqrt() / exact
+        };
     let few = err_with(2, &mut rng, &mut vjp);
     let many = err_with(200, &mut rng, &mut vjp);
     assert!(many < 0.05, "relative RMS error with 200 probes: {many}");
-    assert!(many < few / 3.0, "error should shrink like 1/sqrt(probes): {few} -> {many}");
+    assert!(
+        many < few / 3.0,
+        "error should shrink like 1/sqrt(probes): {few} -> {many}"
+    );
 }
