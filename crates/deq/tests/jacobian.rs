@@ -13,13 +13,12 @@ fn linear_vjp(lambda: [f64; D]) -> impl FnMut(&Tensor) -> candle_core::Result<Te
     let mut j = vec![0.0; D * D];
     for r in 0..D {
         for c in 0..D {
-            let mut acc = 0.0;
-            for k in 0..D {
-                let q =
-                    |a: usize, b: usize| (if a == b { 1.0 } else { 0.0 }) - 2.0 * u[a] * u[b] / n2;
-                acc += q(r, k) * lambda[k] * q(c, k);
-            }
-            j[r * D + c] = acc;
+            let q = |a: usize, b: usize| (if a == b { 1.0 } else { 0.0 }) - 2.0 * u[a] * u[b] / n2;
+            j[r * D + c] = lambda
+                .iter()
+                .enumerate()
+                .map(|(k, l)| q(r, k) * l * q(c, k))
+                .sum();
         }
     }
     let jt = Tensor::from_vec(j, (D, D), &Device::Cpu).unwrap();
