@@ -83,6 +83,57 @@ enum Command {
     },
     /// Lists the built-in presets named after the official experiments.
     Presets,
+    /// Trains a recipe: unrolled pretraining, then DEQ mode; checkpoints and metrics in --out.
+    Train {
+        /// The recipe (TOML, official YAML or preset name).
+        #[arg(long)]
+        config: String,
+        /// Dataset directory (default: the recipe's data.root).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "runs/latest")]
+        out: PathBuf,
+        /// Overrides the recipe's epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Stops after this many optimizer steps in total.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Overrides the recipe's batch size.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Seed of initialisation, shuffling and dropout.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Continue from <out>/checkpoint-last.safetensors.
+        #[arg(long)]
+        resume: bool,
+        /// Log every N steps.
+        #[arg(long, default_value_t = 20)]
+        log_every: usize,
+        /// Evaluate on at most N test images at each epoch end.
+        #[arg(long)]
+        eval_limit: Option<usize>,
+    },
+    /// Evaluates a checkpoint in DEQ mode: top-1/top-5 accuracy.
+    Eval {
+        /// An mdeq checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Dataset directory (default: the recipe's data.root).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Forward solver step limits to evaluate at (default: the recipe's F_THRES).
+        #[arg(long, value_delimiter = ',')]
+        f_thres: Vec<usize>,
+        /// Batch size.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Times the MDEQ cell (forward, forward+backward, one VJP, a training step), optionally side by
     /// side with the PyTorch reference; the last stdout line is a JSON object with the ratios.
     Bench {
@@ -236,6 +287,80 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("{report}");
+        }
+        Command::Train {
+            config,
+            data,
+            out,
+            epochs,
+            max_steps,
+            batch_size,
+            seed,
+            resume,
+            log_every,
+            eval_limit,
+        } => {
+            let cfg = ExperimentConfig::load(&config)?;
+            let data = data.unwrap_or_else(|| PathBuf::from(&cfg.data.root));
+            let opts = mdeq_train::TrainOptions {
+                data,
+                out,
+                epochs,
+                max_steps,
+                batch_size,
+                seed,
+                resume,
+                log_every,
+                eval_limit,
+            };
+            let summary = mdeq_train::train(&cfg, &opts)?;
+            println!(
+                "{}",
+                serde_json::json!({ "steps": summary.steps, "last_loss": summary.last_loss, "last_eval": summary.last_eval })
+            );
+        }
+        Command::Eval {
+            checkpoint,
+            data,
+            f_thres,
+            batch_size,
+            json,
+        } => {
+            let (cfg, model) = format::load(&checkpoint, DType::F32, &Device::Cpu)?;
+            let data = data.unwrap_or_else(|| PathBuf::from(&cfg.data.root));
+            let (_, test) = mdeq_train::trainer::open_datasets(&cfg, &data)?;
+            let thresholds = if f_thres.is_empty() {
+                vec![cfg.deq.f_thres]
+            } else {
+                f_thres
+            };
+            let mut results = Vec::new();
+            for t in thresholds {
+                let mut deq = cfg.deq.clone();
+                deq.f_thres = t;
+                let rt = mdeq_model::equilibrium::DeqRuntime::from_config(&deq)?;
+                let r = mdeq_train::evaluate::evaluate(
+                    &model,
+                    test.as_ref(),
+                    mdeq_train::evaluate::EvalMode::Deq(&rt),
+                    batch_size,
+                    None,
+                )?;
+                if !json {
+                    println!("f_thres {t:>3}: top-1 {:.2}%  top-5 {:.2}%  ({} images, {:.1} solver steps per batch)", 100.0 * r.top1, 100.0 * r.top5, r.n, r.mean_steps);
+                }
+                results.push(
+                    serde_json::json!({ "f_thres": t, "top1": r.top1, "top5": r.top5, "n": r.n }),
+                );
+            }
+            if json {
+                let out = if results.len() == 1 {
+                    results.remove(0)
+                } else {
+                    serde_json::json!({ "curve": results })
+                };
+                println!("{out}");
+            }
         }
         Command::Presets => {
             for (name, _) in mdeq_model::config::presets::PRESETS {

@@ -166,23 +166,33 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
         };
         matmul(acc, dys, Op::N, src, Op::T, (c_out, rows, cols), true, par);
     };
-    let total = std::sync::Mutex::new(vec![T::ZERO; c_out * rows]);
+    let mut total = vec![T::ZERO; c_out * rows];
     if over_batch {
+        // Partial sums are added in the order of their sample ranges, not of thread completion,
+        // so results are bit-for-bit reproducible run to run.
+        let partials = std::sync::Mutex::new(Vec::new());
         for_each_chunk(b, |range| {
+            let start = range.start;
             let mut acc = vec![T::ZERO; c_out * rows];
             let mut col = uninit_vec::<T>(col_len); // im2col writes it in full
             for s in range {
                 accumulate(&mut acc, &mut col, s);
             }
-            let mut t = total.lock().expect("no panics while holding the lock");
-            t.iter_mut().zip(acc).for_each(|(a, v)| *a += v);
+            partials
+                .lock()
+                .expect("no panics while holding the lock")
+                .push((start, acc));
         });
+        let mut partials = partials.into_inner().expect("unpoisoned");
+        partials.sort_by_key(|(start, _)| *start);
+        for (_, acc) in partials {
+            total.iter_mut().zip(acc).for_each(|(a, v)| *a += v);
+        }
     } else {
-        let mut t = total.lock().expect("unpoisoned");
         let mut col = uninit_vec::<T>(col_len); // im2col writes it in full
-        (0..b).for_each(|s| accumulate(&mut t, &mut col, s));
+        (0..b).for_each(|s| accumulate(&mut total, &mut col, s));
     }
-    total.into_inner().expect("unpoisoned")
+    total
 }
 
 macro_rules! dispatch {

@@ -100,6 +100,26 @@ pub fn eval_forward(
     Ok((model.head(&z, false)?, z, stats))
 }
 
+/// Pretraining-phase evaluation: `layers` weight-tied applications of f from zero, head in eval
+/// mode (spec §4.2; the official code validates this way while pretraining).
+pub fn unrolled_forward(model: &Mdeq, image: &Tensor, layers: usize) -> Result<Tensor> {
+    let injection = model.injection(image, false)?;
+    let (_, _, h, w) = image.dims4()?;
+    let layout = model.layout(h, w);
+    let cell = model.cell().prepared(true)?;
+    let masks = vec![None; layout.branches.len()];
+    let b = image.dim(0)?;
+    let mut z = layout.unflatten(&Tensor::zeros(
+        (b, layout.size()),
+        model.dtype(),
+        model.device(),
+    )?)?;
+    for _ in 0..layers {
+        z = cell.forward(&z, &injection, &masks)?;
+    }
+    model.head(&z, false)
+}
+
 /// Everything one training step's gradient computation produced.
 pub struct TrainGradients {
     /// Gradient per parameter name (None: the parameter got none).
