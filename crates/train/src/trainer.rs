@@ -167,6 +167,14 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     };
     let started = Instant::now();
     let mut images_seen = 0usize;
+    // Drawn only on a terminal; the log lines below go to stderr either way.
+    let bar = indicatif::ProgressBar::new(stop as u64).with_position(step as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
     while step < stop {
         let epoch = step / per_epoch;
         let loader = BatchLoader::new(
@@ -196,6 +204,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
         let lr = cosine(cfg.train.lr, step, total);
         opt.step(&params, &grads, lr)?;
         step += 1;
+        bar.set_position(step as u64);
         images_seen += batch.labels.dim(0)?;
         summary.last_loss = loss;
         if step % opts.log_every.max(1) == 0 || step == stop {
@@ -211,13 +220,24 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
                 "images_per_s": images_seen as f64 / started.elapsed().as_secs_f64(),
             });
             writeln!(metrics, "{record}")?;
-            eprintln!(
-                "step {step}/{stop} epoch {epoch} loss {loss:.4} lr {lr:.2e} {} f {:?} b {:?} {:.1} img/s",
+            let solver = |s: Option<&mdeq_deq::SolverStats>| {
+                s.map_or("-".to_string(), |s| {
+                    format!("{} steps {:.1e}", s.steps, s.worst_lowest())
+                })
+            };
+            let line = format!(
+                "epoch {epoch} step {step}/{stop} loss {loss:.4} acc {:.1}% lr {lr:.2e} {} fwd {} bwd {} {:.1} img/s",
+                100.0 * record["batch_top1"].as_f64().unwrap_or(0.0),
                 record["phase"].as_str().unwrap_or(""),
-                f.map(|s| (s.steps, s.worst_lowest())),
-                b.map(|s| (s.steps, s.worst_lowest())),
+                solver(f),
+                solver(b),
                 record["images_per_s"].as_f64().unwrap_or(0.0)
             );
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.set_message(line);
+            }
         }
         let epoch_done = step % per_epoch == 0;
         if epoch_done || step == stop {
@@ -248,6 +268,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
             summary.last_eval = Some(result);
         }
     }
+    bar.finish_and_clear();
     summary.steps = step;
     Ok(summary)
 }
