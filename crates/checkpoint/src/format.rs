@@ -15,6 +15,8 @@ use std::path::Path;
 pub const CONFIG_KEY: &str = "mdeq.config";
 /// Metadata key holding the format version.
 pub const FORMAT_KEY: &str = "mdeq.format";
+/// Prefix of the optimizer state that training checkpoints carry beside the weights.
+pub const OPTIMIZER_PREFIX: &str = "optim.";
 /// Current format version.
 pub const FORMAT_VERSION: &str = "1";
 
@@ -107,6 +109,10 @@ pub fn load(
     let config = read_config(&bytes, &p)?;
     let model = Mdeq::new(&config.model, dtype, device, 0)
         .map_err(|e| CheckpointError::format(&p, e.to_string()))?;
-    load_into(&model, read_state_dict_bytes(&bytes, &p)?, &p)?;
+    let weights = read_state_dict_bytes(&bytes, &p)?
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX))
+        .collect();
+    load_into(&model, weights, &p)?;
     Ok((config, model))
 }

@@ -98,7 +98,8 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Named state tensors for a checkpoint (`optim.first.<i>`, `optim.second.<i>`).
+    /// Named state tensors for a checkpoint (`optim.first.<i>`, `optim.second.<i>`; the prefix is
+    /// `mdeq_checkpoint::format::OPTIMIZER_PREFIX`).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {

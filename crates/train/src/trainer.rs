@@ -114,8 +114,9 @@ fn load_checkpoint(path: &Path, model: &Mdeq, opt: &mut Optimizer) -> Result<(us
             )
         })?;
     let all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    let (optim, weights): (HashMap<String, Tensor>, HashMap<String, Tensor>) =
-        all.into_iter().partition(|(k, _)| k.starts_with("optim."));
+    let (optim, weights): (HashMap<String, Tensor>, HashMap<String, Tensor>) = all
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(mdeq_checkpoint::format::OPTIMIZER_PREFIX));
     let entries: Vec<(String, Tensor)> = weights.into_iter().collect();
     mdeq_checkpoint::import::load_into(model, entries, &path.display().to_string())?;
     opt.restore(state["optimizer_steps"].as_u64().unwrap_or(0), &optim);

@@ -126,6 +126,14 @@ fn interrupted_and_resumed_training_matches_an_uninterrupted_run() {
         weights(&root.join("a/checkpoint-last.safetensors")),
         weights(&root.join("b/checkpoint-last.safetensors"))
     );
+    // A training checkpoint loads as a model (optimizer state is skipped) for eval and predict.
+    let (cfg2, _) = mdeq_checkpoint::format::load(
+        &root.join("a/checkpoint-best.safetensors"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(cfg2, cfg);
     // Both phases ran and were logged, with solver statistics in DEQ mode.
     let log = std::fs::read_to_string(root.join("a/metrics.jsonl")).unwrap();
     assert!(log.contains("\"phase\":\"unrolled\"") && log.contains("\"phase\":\"deq\""));
