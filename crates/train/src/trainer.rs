@@ -176,15 +176,21 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
         )
         .expect("valid template"),
     );
+    // The epoch's shuffled order, rebuilt only when the epoch changes.
+    let mut loader: Option<(usize, BatchLoader)> = None;
     while step < stop {
         let epoch = step / per_epoch;
-        let loader = BatchLoader::new(
-            train_set.as_ref(),
-            batch_size,
-            true,
-            opts.seed,
-            epoch as u64,
-        );
+        if loader.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let l = BatchLoader::new(
+                train_set.as_ref(),
+                batch_size,
+                true,
+                opts.seed,
+                epoch as u64,
+            );
+            loader = Some((epoch, l));
+        }
+        let loader = &loader.as_ref().expect("set above").1;
         let batch = loader.batch(step % per_epoch, &Device::Cpu)?;
         let mut mask_rng =
             rand::rngs::StdRng::seed_from_u64(opts.seed.wrapping_mul(31).wrapping_add(step as u64));
