@@ -1,7 +1,10 @@
 //! The fast convolution against candle's own convolution and float64 finite differences, on odd
 //! shapes: non-square inputs, stride 2, channel counts that are not multiples of 8, batch 1.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_rel;
 use mdeq_kernels::conv2d;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -10,27 +13,6 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
         .map(|i| (((i as u64 + 1) * (seed * 2654435761 + 97)) % 1000) as f64 / 500.0 - 1.0)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let err = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    err / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1e-300)
 }
 
 /// (batch, c_in, h, w, c_out, k, stride)

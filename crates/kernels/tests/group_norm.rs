@@ -1,7 +1,10 @@
 //! The fused GroupNorm against the composed candle version (forward and every gradient) and
 //! float64 finite differences.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_rel;
 use mdeq_kernels::group_norm::{composed, group_norm};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -10,27 +13,6 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
         .map(|i| (((i as u64 + 3) * (seed * 2654435761 + 11)) % 997) as f64 / 300.0 - 1.5)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let e = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    e / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1e-300)
 }
 
 #[test]
