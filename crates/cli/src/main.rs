@@ -116,7 +116,7 @@ enum Command {
         #[arg(long)]
         eval_limit: Option<usize>,
     },
-    /// Evaluates a checkpoint in DEQ mode: top-1/top-5 accuracy.
+    /// Evaluates a checkpoint in DEQ mode: top-1/top-5 accuracy, or mIoU with per-class IoU.
     Eval {
         /// An mdeq checkpoint.
         #[arg(long)]
@@ -124,15 +124,42 @@ enum Command {
         /// Dataset directory (default: the recipe's data.root).
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Forward solver step limits to evaluate at (default: the recipe's F_THRES).
+        /// Forward solver step limits to evaluate at (default: the recipe's F_THRES); several give
+        /// the accuracy-against-compute curve.
         #[arg(long, value_delimiter = ',')]
         f_thres: Vec<usize>,
         /// Batch size.
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
+        /// Evaluate at most N images.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// PNG of the accuracy-against-compute curve (default with several --f-thres:
+        /// accuracy_vs_compute.png beside the checkpoint).
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Predicts images: top-k classes with probabilities, or for segmentation models a colour
+    /// label map and an overlay PNG per image.
+    Predict {
+        /// An mdeq checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// How many classes to list.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Directory for segmentation PNGs.
+        #[arg(long, default_value = "predictions")]
+        out: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Image files (PNG or JPEG).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
     },
     /// Times the MDEQ cell (forward, forward+backward, one VJP, a training step), optionally side by
     /// side with the PyTorch reference; the last stdout line is a JSON object with the ratios.
@@ -324,42 +351,62 @@ fn run(cli: Cli) -> Result<()> {
             data,
             f_thres,
             batch_size,
+            limit,
+            plot,
             json,
         } => {
-            let (cfg, model) = format::load(&checkpoint, DType::F32, &Device::Cpu)?;
-            let data = data.unwrap_or_else(|| PathBuf::from(&cfg.data.root));
-            let (_, test) = mdeq_train::trainer::open_datasets(&cfg, &data)?;
-            let thresholds = if f_thres.is_empty() {
-                vec![cfg.deq.f_thres]
-            } else {
-                f_thres
+            let several = f_thres.len() > 1;
+            let req = mdeq::eval::EvalRequest {
+                plot: plot.or_else(|| {
+                    several.then(|| {
+                        checkpoint
+                            .parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .join("accuracy_vs_compute.png")
+                    })
+                }),
+                checkpoint,
+                data,
+                f_thres,
+                batch_size,
+                limit,
             };
-            let mut results = Vec::new();
-            for t in thresholds {
-                let mut deq = cfg.deq.clone();
-                deq.f_thres = t;
-                let rt = mdeq_model::equilibrium::DeqRuntime::from_config(&deq)?;
-                let r = mdeq_train::evaluate::evaluate(
-                    &model,
-                    test.as_ref(),
-                    mdeq_train::evaluate::EvalMode::Deq(&rt),
-                    batch_size,
-                    None,
-                )?;
-                if !json {
-                    println!("f_thres {t:>3}: top-1 {:.2}%  top-5 {:.2}%  ({} images, {:.1} solver steps per batch)", 100.0 * r.top1, 100.0 * r.top5, r.n, r.mean_steps);
+            let (points, names) = mdeq::eval::run(&req)?;
+            if let Some(path) = &req.plot {
+                match mdeq::eval::plot(&points, path) {
+                    Ok(()) => eprintln!("wrote {}", path.display()),
+                    Err(e) => eprintln!("warning: no plot: {e:#}"),
                 }
-                results.push(
-                    serde_json::json!({ "f_thres": t, "top1": r.top1, "top5": r.top5, "n": r.n }),
-                );
             }
             if json {
-                let out = if results.len() == 1 {
-                    results.remove(0)
-                } else {
-                    serde_json::json!({ "curve": results })
-                };
-                println!("{out}");
+                println!("{}", mdeq::eval::json_report(&points));
+            } else {
+                print!("{}", mdeq::eval::report(&points, names.as_deref()));
+            }
+        }
+        Command::Predict {
+            checkpoint,
+            top_k,
+            out,
+            json,
+            images,
+        } => {
+            let preds = mdeq::predict::run(&checkpoint, &images, top_k, &out)?;
+            if json {
+                println!("{}", serde_json::json!({ "predictions": preds }));
+            } else {
+                for p in &preds {
+                    println!(
+                        "{} ({} solver steps, residual {:.1e})",
+                        p.image, p.solver_steps, p.residual
+                    );
+                    for (c, name, prob) in &p.top {
+                        println!("  {:>6.2}%  {name} ({c})", 100.0 * prob);
+                    }
+                    for w in &p.written {
+                        println!("  wrote {w}");
+                    }
+                }
             }
         }
         Command::Presets => {

@@ -1,8 +1,60 @@
 //! IDX files (MNIST, Fashion-MNIST): `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
 
-use crate::{DataError, Dataset, Sample, Split};
+use crate::{DataError, Dataset, Image, Sample, Split, Target};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
+/// Fashion-MNIST class names by label.
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+];
+
+/// The bytes of an IDX file of unsigned bytes with dimensions `dims` (the inverse of the
+/// loader, for writing small datasets).
+pub fn encode(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        v.extend(d.to_be_bytes());
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+/// Writes `images` (n × rows × cols bytes) and their `labels` as the raw canonical IDX pair of
+/// `split` in `dir` (for small test and demo datasets).
+pub fn write_split(
+    dir: &Path,
+    split: Split,
+    (rows, cols): (usize, usize),
+    images: &[u8],
+    labels: &[u8],
+) -> Result<(), DataError> {
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    let n = labels.len() as u32;
+    for (name, bytes) in [
+        (
+            "images-idx3",
+            encode(&[n, rows as u32, cols as u32], images),
+        ),
+        ("labels-idx1", encode(&[n], labels)),
+    ] {
+        let path = dir.join(format!("{prefix}-{name}-ubyte"));
+        std::fs::write(&path, bytes).map_err(|e| DataError::io(path.display(), e))?;
+    }
+    Ok(())
+}
 
 /// An IDX image/label pair held in memory.
 #[derive(Debug, Clone)]
@@ -11,14 +63,7 @@ pub struct IdxDataset {
     labels: Vec<u8>,
     rows: usize,
     cols: usize,
-    mean: f32,
-    std: f32,
 }
-
-/// Normalisation constants (mean, std) of the training images: Fashion-MNIST.
-pub const FASHION_MNIST_MEAN_STD: (f32, f32) = (0.2860, 0.3530);
-/// Normalisation constants (mean, std) of the training images: MNIST.
-pub const MNIST_MEAN_STD: (f32, f32) = (0.1307, 0.3081);
 
 fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
     for name in [stem.to_string(), format!("{stem}.gz")] {
@@ -86,8 +131,8 @@ fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<u8>)
 }
 
 impl IdxDataset {
-    /// Opens the `split` of the IDX dataset in `dir`, normalised with `(mean, std)`.
-    pub fn open(dir: &Path, split: Split, mean_std: (f32, f32)) -> Result<Self, DataError> {
+    /// Opens the `split` of the IDX dataset in `dir`.
+    pub fn open(dir: &Path, split: Split) -> Result<Self, DataError> {
         let prefix = match split {
             Split::Train => "train",
             Split::Test => "t10k",
@@ -118,9 +163,23 @@ impl IdxDataset {
             labels,
             rows: ishape[1],
             cols: ishape[2],
-            mean: mean_std.0,
-            std: mean_std.1,
         })
+    }
+
+    /// (rows, columns) of every image.
+    pub fn image_size(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The raw pixels of image `i`, row-major.
+    pub fn pixels(&self, i: usize) -> &[u8] {
+        let n = self.rows * self.cols;
+        &self.images[i * n..(i + 1) * n]
+    }
+
+    /// The class of sample `i`.
+    pub fn label(&self, i: usize) -> u32 {
+        self.labels[i] as u32
     }
 }
 
@@ -128,21 +187,21 @@ impl Dataset for IdxDataset {
     fn len(&self) -> usize {
         self.labels.len()
     }
-    fn image_shape(&self) -> (usize, usize, usize) {
-        (1, self.rows, self.cols)
+    fn channels(&self) -> usize {
+        1
     }
     fn num_classes(&self) -> usize {
         10
     }
     fn get(&self, i: usize) -> Result<Sample, DataError> {
-        let n = self.rows * self.cols;
-        let px = &self.images[i * n..(i + 1) * n];
         Ok(Sample {
-            image: px
-                .iter()
-                .map(|&p| (p as f32 / 255.0 - self.mean) / self.std)
-                .collect(),
-            label: self.labels[i] as u32,
+            image: Image {
+                channels: 1,
+                height: self.rows,
+                width: self.cols,
+                pixels: self.pixels(i).to_vec(),
+            },
+            target: Target::Class(self.label(i)),
         })
     }
 }

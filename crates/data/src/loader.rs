@@ -1,31 +1,48 @@
-//! Seeded, reproducible batching: epoch e shuffles with seed (seed, e), so a resumed run sees the
-//! same batches as one that never stopped.
+//! Seeded, reproducible batching: epoch e shuffles with seed (seed, e) and sample j of the dataset
+//! is augmented with its own generator seeded by (seed, e, j), so a resumed run sees the same
+//! batches as one that never stopped, whichever thread decodes them. Samples of a batch are
+//! decoded in parallel; [`BatchLoader::prefetch`] keeps a bounded queue of batches ready on a
+//! background thread.
 
-use crate::{DataError, Dataset};
+use crate::{DataError, Dataset, Normalization, Target, Transform};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rayon::prelude::*;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 
-/// Images (B, C, H, W) float32 and labels (B) int64.
+/// Images (B, C, H, W) float32 and labels int64: (B) classes or (B, H, W) label maps.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// Normalised images.
     pub images: Tensor,
-    /// Class indices.
+    /// Class indices or per-pixel classes (255 = ignore).
     pub labels: Tensor,
 }
 
-/// Splits a dataset into batches, shuffled per epoch from a seed.
-pub struct BatchLoader<'a> {
-    dataset: &'a dyn Dataset,
+/// Splits a dataset into transformed, normalised batches, shuffled per epoch from a seed.
+#[derive(Clone)]
+pub struct BatchLoader {
+    dataset: Arc<dyn Dataset>,
+    transform: Transform,
+    normalization: Normalization,
     batch_size: usize,
     order: Vec<usize>,
+    seed: u64,
+    epoch: u64,
 }
 
-impl<'a> BatchLoader<'a> {
+fn mix(a: u64, b: u64) -> u64 {
+    (a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(23)
+}
+
+impl BatchLoader {
     /// Batches of epoch `epoch`; `shuffle = false` keeps dataset order (evaluation).
     pub fn new(
-        dataset: &'a dyn Dataset,
+        dataset: Arc<dyn Dataset>,
+        transform: Transform,
+        normalization: Normalization,
         batch_size: usize,
         shuffle: bool,
         seed: u64,
@@ -39,8 +56,12 @@ impl<'a> BatchLoader<'a> {
         }
         Self {
             dataset,
+            transform,
+            normalization,
             batch_size: batch_size.max(1),
             order,
+            seed,
+            epoch,
         }
     }
 
@@ -58,21 +79,85 @@ impl<'a> BatchLoader<'a> {
     pub fn batch(&self, i: usize, device: &Device) -> Result<Batch, DataError> {
         let idx =
             &self.order[i * self.batch_size..((i + 1) * self.batch_size).min(self.order.len())];
-        let (c, h, w) = self.dataset.image_shape();
+        let samples: Vec<_> = idx
+            .par_iter()
+            .map(|&j| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(mix(
+                    mix(self.seed, self.epoch),
+                    j as u64 + 1,
+                ));
+                let at = |e: DataError| match e {
+                    DataError::Format { path, message } if path == "<sample>" => {
+                        DataError::format(self.dataset.describe(j), message)
+                    }
+                    e => e,
+                };
+                let s = self.dataset.get(j).map_err(at)?;
+                let s = self.transform.apply(s, &mut rng).map_err(at)?;
+                Ok((j, s))
+            })
+            .collect::<Result<_, DataError>>()?;
+        let first = &samples[0].1.image;
+        let (c, h, w) = (first.channels, first.height, first.width);
         let mut pixels = Vec::with_capacity(idx.len() * c * h * w);
         let mut labels = Vec::with_capacity(idx.len());
-        for &j in idx {
-            let s = self.dataset.get(j)?;
-            pixels.extend_from_slice(&s.image);
-            labels.push(s.label as i64);
+        for (j, s) in &samples {
+            if (s.image.channels, s.image.height, s.image.width) != (c, h, w) {
+                return Err(DataError::format(
+                    self.dataset.describe(*j),
+                    format!(
+                        "image is {}x{}x{} after its transform, the batch's first {c}x{h}x{w} \
+                         (give the recipe a resizing transform or batch size 1)",
+                        s.image.channels, s.image.height, s.image.width
+                    ),
+                ));
+            }
+            pixels.extend(self.normalization.apply(&s.image));
+            match &s.target {
+                Target::Class(k) => labels.push(*k as i64),
+                Target::Mask(m) => labels.extend(m.pixels.iter().map(|&v| v as i64)),
+            }
         }
-        let err = |e: candle_core::Error| DataError::Format {
-            path: "<batch>".into(),
-            message: e.to_string(),
-        };
+        let err = |e: candle_core::Error| DataError::format("<batch>", e.to_string());
+        let n = idx.len();
+        let labels = if labels.len() == n {
+            Tensor::from_vec(labels, n, device)
+        } else {
+            Tensor::from_vec(labels, (n, h, w), device)
+        }
+        .map_err(err)?;
         Ok(Batch {
-            images: Tensor::from_vec(pixels, (idx.len(), c, h, w), device).map_err(err)?,
-            labels: Tensor::from_vec(labels, idx.len(), device).map_err(err)?,
+            images: Tensor::from_vec(pixels, (n, c, h, w), device).map_err(err)?,
+            labels,
         })
+    }
+
+    /// Batches `range` in order, prepared on a background thread at most `depth` ahead.
+    pub fn prefetch(
+        &self,
+        range: std::ops::Range<usize>,
+        depth: usize,
+    ) -> impl Iterator<Item = Result<Batch, DataError>> {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for i in range {
+                if tx.send(me.batch(i, &Device::Cpu)).is_err() {
+                    break;
+                }
+            }
+        });
+        Prefetched { rx }
+    }
+}
+
+struct Prefetched {
+    rx: Receiver<Result<Batch, DataError>>,
+}
+
+impl Iterator for Prefetched {
+    type Item = Result<Batch, DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
     }
 }

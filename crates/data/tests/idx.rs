@@ -1,68 +1,29 @@
 //! The IDX loader on files this test writes in the canonical layout (raw and gzip), and its errors.
 
-use flate2::write::GzEncoder;
-use mdeq_data::{BatchLoader, DataError, Dataset, IdxDataset, Split};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod common;
 
-fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        v.extend(d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8], gz: bool) {
-    if gz {
-        let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(bytes).unwrap();
-        std::fs::write(dir.join(format!("{name}.gz")), e.finish().unwrap()).unwrap();
-    } else {
-        std::fs::write(dir.join(name), bytes).unwrap();
-    }
-}
-
-/// n images of 4×3 whose pixels encode (sample, position), labels i % 10.
-fn make(n: usize, gz: bool, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mdeq-idx-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pixels: Vec<u8> = (0..n * 12)
-        .map(|i| ((i / 12) * 10 + i % 12) as u8)
-        .collect();
-    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-    for prefix in ["train", "t10k"] {
-        write(
-            &dir,
-            &format!("{prefix}-images-idx3-ubyte"),
-            &idx_bytes(&[n as u32, 4, 3], &pixels),
-            gz,
-        );
-        write(
-            &dir,
-            &format!("{prefix}-labels-idx1-ubyte"),
-            &idx_bytes(&[n as u32], &labels),
-            gz,
-        );
-    }
-    dir
-}
+use common::{idx_bytes, make, write};
+use mdeq_data::{
+    BatchLoader, DataError, Dataset, IdxDataset, Normalization, Split, Target, Transform,
+};
+use std::sync::Arc;
 
 #[test]
 fn reads_raw_and_gzip_files_with_normalisation() {
     for gz in [false, true] {
         let dir = make(7, gz, if gz { "gz" } else { "raw" });
-        let ds = IdxDataset::open(&dir, Split::Train, (0.5, 0.25)).unwrap();
-        assert_eq!(
-            (ds.len(), ds.image_shape(), ds.num_classes()),
-            (7, (1, 4, 3), 10)
-        );
+        let ds = IdxDataset::open(&dir, Split::Train).unwrap();
+        assert_eq!((ds.len(), ds.channels(), ds.num_classes()), (7, 1, 10));
         let s = ds.get(3).unwrap();
-        assert_eq!(s.label, 3);
-        assert_eq!(s.image.len(), 12);
+        assert_eq!(s.target, Target::Class(3));
+        assert_eq!((s.image.height, s.image.width), (4, 3));
+        assert_eq!(s.image.pixels[5], 35);
+        let norm = Normalization {
+            mean: vec![0.5],
+            std: vec![0.25],
+        };
         let expected = ((30.0 + 5.0) / 255.0 - 0.5) / 0.25;
-        assert!((s.image[5] - expected).abs() < 1e-6);
+        assert!((norm.apply(&s.image)[5] - expected).abs() < 1e-6);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
@@ -70,9 +31,21 @@ fn reads_raw_and_gzip_files_with_normalisation() {
 #[test]
 fn batches_are_seeded_and_cover_every_sample_once() {
     let dir = make(10, false, "batches");
-    let ds = IdxDataset::open(&dir, Split::Test, (0.0, 1.0)).unwrap();
+    let ds: Arc<dyn Dataset> = Arc::new(IdxDataset::open(&dir, Split::Test).unwrap());
+    let unit = Normalization {
+        mean: vec![0.0],
+        std: vec![1.0],
+    };
     let collect = |seed: u64, epoch: u64| -> Vec<i64> {
-        let l = BatchLoader::new(&ds, 4, true, seed, epoch);
+        let l = BatchLoader::new(
+            ds.clone(),
+            Transform::Identity,
+            unit.clone(),
+            4,
+            true,
+            seed,
+            epoch,
+        );
         assert_eq!(l.len(), 3);
         (0..l.len())
             .flat_map(|i| {
@@ -99,7 +72,7 @@ fn bad_files_give_errors_naming_the_file() {
     let path = dir.join("train-images-idx3-ubyte");
     let good = std::fs::read(&path).unwrap();
     std::fs::write(&path, &good[..good.len() - 3]).unwrap();
-    let err = IdxDataset::open(&dir, Split::Train, (0.0, 1.0))
+    let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
     assert!(
@@ -107,7 +80,7 @@ fn bad_files_give_errors_naming_the_file() {
         "{err}"
     );
     std::fs::write(&path, b"\x00\x00\x0d\x03garbage and more bytes").unwrap();
-    let err = IdxDataset::open(&dir, Split::Train, (0.0, 1.0))
+    let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("not an IDX file"), "{err}");
@@ -118,19 +91,19 @@ fn bad_files_give_errors_naming_the_file() {
         &idx_bytes(&[5], &[0, 1, 2, 12, 4]),
         false,
     );
-    let err = IdxDataset::open(&dir, Split::Train, (0.0, 1.0))
+    let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label 12"), "{err}");
     std::fs::write(dir.join("train-images-idx3-ubyte.gz"), b"not gzip").unwrap();
     std::fs::remove_file(&path).unwrap();
-    let err = IdxDataset::open(&dir, Split::Train, (0.0, 1.0)).unwrap_err();
+    let err = IdxDataset::open(&dir, Split::Train).unwrap_err();
     assert!(
         matches!(err, DataError::Format { .. }) && err.to_string().contains(".gz"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
-    let err = IdxDataset::open(&dir, Split::Train, (0.0, 1.0))
+    let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("train-images-idx3-ubyte"), "{err}");

@@ -1,25 +1,65 @@
-//! Classification accuracy of a model in DEQ mode over a dataset.
+//! Scores a model over a dataset: top-1/top-5 for classification, mIoU with per-class IoU for
+//! segmentation, together with forward-solver statistics.
 
+use crate::loss::predict_pixels;
+use crate::metrics::{correct, ConfusionMatrix};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use mdeq_data::{BatchLoader, Dataset};
+use candle_core::Tensor;
+use mdeq_data::BatchLoader;
 use mdeq_model::equilibrium::{eval_forward, unrolled_forward, DeqRuntime};
-use mdeq_model::Mdeq;
+use mdeq_model::{Mdeq, Task};
 use serde::Serialize;
 
-/// Accuracy and solver statistics of one evaluation.
+/// Scores and solver statistics of one evaluation.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalResult {
-    /// Top-1 accuracy in [0, 1].
-    pub top1: f64,
-    /// Top-5 accuracy in [0, 1].
-    pub top5: f64,
-    /// Samples seen.
+    /// Top-1 accuracy in [0, 1] (classification).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1: Option<f64>,
+    /// Top-5 accuracy in [0, 1] (classification).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top5: Option<f64>,
+    /// Mean intersection over union (segmentation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miou: Option<f64>,
+    /// Fraction of labelled pixels predicted right (segmentation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pixel_accuracy: Option<f64>,
+    /// IoU of each class (segmentation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_iou: Option<Vec<f64>>,
+    /// Images seen.
     pub n: usize,
     /// Mean forward solver steps per batch.
     pub mean_steps: f64,
     /// Worst lowest residual over all batches.
     pub worst_residual: f64,
+}
+
+impl EvalResult {
+    /// The score checkpoints are ranked by: top-1, or mIoU for segmentation.
+    pub fn score(&self) -> f64 {
+        self.top1.or(self.miou).unwrap_or(0.0)
+    }
+
+    /// One line for humans.
+    pub fn summary(&self) -> String {
+        match (self.top1, self.top5, self.miou) {
+            (Some(t1), Some(t5), _) => format!(
+                "top-1 {:.2}% top-5 {:.2}% on {} images",
+                100.0 * t1,
+                100.0 * t5,
+                self.n
+            ),
+            (_, _, Some(m)) => format!(
+                "mIoU {:.2}% pixel accuracy {:.2}% on {} images",
+                100.0 * m,
+                100.0 * self.pixel_accuracy.unwrap_or(0.0),
+                self.n
+            ),
+            _ => format!("{} images", self.n),
+        }
+    }
 }
 
 /// How the model is run for evaluation.
@@ -31,22 +71,22 @@ pub enum EvalMode<'a> {
     Unrolled(usize),
 }
 
-/// Evaluates `model` on up to `limit` samples of `data`.
+/// Evaluates `model` on the batches of `loader`, up to `limit` images.
 pub fn evaluate(
     model: &Mdeq,
-    data: &dyn Dataset,
+    loader: &BatchLoader,
     mode: EvalMode,
-    batch_size: usize,
     limit: Option<usize>,
 ) -> Result<EvalResult> {
-    let loader = BatchLoader::new(data, batch_size, false, 0, 0);
+    let task = model.config().task;
+    let mut confusion = ConfusionMatrix::new(model.config().num_classes);
     let (mut top1, mut top5, mut n, mut steps, mut batches, mut worst) =
         (0usize, 0usize, 0usize, 0usize, 0usize, 0f64);
-    for i in 0..loader.len() {
+    for batch in loader.prefetch(0..loader.len(), 2) {
         if limit.is_some_and(|l| n >= l) {
             break;
         }
-        let batch = loader.batch(i, &Device::Cpu)?;
+        let batch = batch?;
         let images = batch.images.to_dtype(model.dtype())?;
         let logits = match mode {
             EvalMode::Deq(rt) => {
@@ -57,31 +97,43 @@ pub fn evaluate(
             }
             EvalMode::Unrolled(layers) => unrolled_forward(model, &images, layers)?,
         };
-        let (c1, c5) = correct(&logits, &batch.labels)?;
-        top1 += c1;
-        top5 += c5;
-        n += batch.labels.dim(0)?;
+        match task {
+            Task::Classification => {
+                let (c1, c5) = correct(&logits, &batch.labels)?;
+                top1 += c1;
+                top5 += c5;
+            }
+            Task::Segmentation => {
+                let (_, h, w) = batch.labels.dims3()?;
+                confusion.add(&batch.labels, &predict_pixels(&logits, h, w)?)?;
+            }
+        }
+        n += batch.images.dim(0)?;
         batches += 1;
     }
+    let frac = |k: usize| Some(k as f64 / n.max(1) as f64);
+    let seg = task == Task::Segmentation;
     Ok(EvalResult {
-        top1: top1 as f64 / n.max(1) as f64,
-        top5: top5 as f64 / n.max(1) as f64,
+        top1: if seg { None } else { frac(top1) },
+        top5: if seg { None } else { frac(top5) },
+        miou: seg.then(|| confusion.mean_iou()),
+        pixel_accuracy: seg.then(|| confusion.pixel_accuracy()),
+        class_iou: seg.then(|| confusion.iou()),
         n,
         mean_steps: steps as f64 / batches.max(1) as f64,
         worst_residual: worst,
     })
 }
 
-/// (top-1 correct, top-5 correct) in a batch.
-pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
-    let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-    let labels = labels.to_vec1::<i64>()?;
-    let (mut c1, mut c5) = (0, 0);
-    for (row, &label) in rows.iter().zip(&labels) {
-        let target = row[label as usize];
-        let better = row.iter().filter(|&&v| v > target).count();
-        c1 += (better == 0) as usize;
-        c5 += (better < 5) as usize;
-    }
-    Ok((c1, c5))
+/// Mean score over a batch for the progress line: top-1 of classes, pixel accuracy of maps.
+pub fn batch_score(task: Task, logits: &Tensor, labels: &Tensor) -> Result<f64> {
+    Ok(match task {
+        Task::Classification => correct(logits, labels)?.0 as f64 / labels.dim(0)? as f64,
+        Task::Segmentation => {
+            let (_, h, w) = labels.dims3()?;
+            let mut m = ConfusionMatrix::new(logits.dim(1)?);
+            m.add(labels, &predict_pixels(logits, h, w)?)?;
+            m.pixel_accuracy()
+        }
+    })
 }

@@ -22,3 +22,24 @@ mod tests {
         assert!((cosine(1e-3, 50, 100) - (1e-6 + (1e-3 - 1e-6) / 2.0)).abs() < 1e-15);
     }
 }
+
+/// Polynomial decay lr0·(1 − step/total)^0.9, the schedule the released Cityscapes models were
+/// trained with (spec §5.4).
+pub fn poly(lr0: f64, step: usize, total: usize) -> f64 {
+    if total == 0 {
+        return lr0;
+    }
+    lr0 * (1.0 - step.min(total) as f64 / total as f64).powf(0.9)
+}
+
+#[cfg(test)]
+mod poly_tests {
+    use super::poly;
+
+    #[test]
+    fn poly_decays_from_lr_to_zero() {
+        assert_eq!(poly(0.01, 0, 100), 0.01);
+        assert_eq!(poly(0.01, 100, 100), 0.0);
+        assert!((poly(0.01, 50, 100) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
+    }
+}

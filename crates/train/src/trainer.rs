@@ -3,19 +3,22 @@
 //! continues exactly where a run stopped (batches and dropout masks are functions of the seed
 //! and the step).
 
-use crate::evaluate::{correct, evaluate, EvalMode, EvalResult};
+use crate::data::RecipeSplit;
+use crate::evaluate::{batch_score, evaluate, EvalMode, EvalResult};
+use crate::loss::{classification_loss, segmentation_loss};
 use crate::optimizer::Optimizer;
-use crate::schedule::cosine;
+use crate::run_log::{RunLog, StepRecord};
+use crate::schedule::{cosine, poly};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use mdeq_checkpoint::format::{write_atomic, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
-use mdeq_data::{idx, BatchLoader, Dataset, IdxDataset, Split};
+use mdeq_data::Split;
+use mdeq_model::config::LrSchedule;
 use mdeq_model::equilibrium::{train_gradients, DeqRuntime, Phase};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::{ExperimentConfig, Mdeq, Task};
 use rand::SeedableRng;
 use serde_json::json;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -53,22 +56,6 @@ pub struct TrainSummary {
     pub last_loss: f64,
 }
 
-/// Opens the train and test splits named by the recipe.
-pub fn open_datasets(
-    cfg: &ExperimentConfig,
-    dir: &Path,
-) -> Result<(Box<dyn Dataset>, Box<dyn Dataset>)> {
-    let mean_std = match cfg.data.dataset.as_str() {
-        "fashion_mnist" => idx::FASHION_MNIST_MEAN_STD,
-        "mnist" => idx::MNIST_MEAN_STD,
-        other => bail!("dataset '{other}' has no loader yet (supported: fashion_mnist, mnist)"),
-    };
-    Ok((
-        Box::new(IdxDataset::open(dir, Split::Train, mean_std)?),
-        Box::new(IdxDataset::open(dir, Split::Test, mean_std)?),
-    ))
-}
-
 const STATE_KEY: &str = "mdeq.train_state";
 
 fn save_checkpoint(
@@ -91,7 +78,7 @@ fn save_checkpoint(
     meta.insert(FORMAT_KEY.to_string(), FORMAT_VERSION.to_string());
     meta.insert(
         STATE_KEY.to_string(),
-        json!({ "step": step, "optimizer_steps": opt.steps(), "best_top1": best }).to_string(),
+        json!({ "step": step, "optimizer_steps": opt.steps(), "best_score": best }).to_string(),
     );
     let bytes = safetensors::tensor::serialize(tensors, Some(meta))?;
     write_atomic(path, &bytes)?;
@@ -122,7 +109,7 @@ fn load_checkpoint(path: &Path, model: &Mdeq, opt: &mut Optimizer) -> Result<(us
     opt.restore(state["optimizer_steps"].as_u64().unwrap_or(0), &optim);
     Ok((
         state["step"].as_u64().unwrap_or(0) as usize,
-        state["best_top1"].as_f64().unwrap_or(0.0),
+        state["best_score"].as_f64().unwrap_or(0.0),
     ))
 }
 
@@ -130,22 +117,20 @@ fn load_checkpoint(path: &Path, model: &Mdeq, opt: &mut Optimizer) -> Result<(us
 pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let (train_set, test_set) = open_datasets(cfg, &opts.data)?;
-    let (c, h, w) = train_set.image_shape();
-    if c != cfg.model.in_channels {
-        bail!(
-            "{}: images have {c} channels, the config expects in_channels = {}",
-            opts.data.display(),
-            cfg.model.in_channels
-        );
-    }
-    cfg.model.check_input_size(h, w)?;
+    let train_set = RecipeSplit::open(cfg, &opts.data, Split::Train)?;
+    let test_set = RecipeSplit::open(cfg, &opts.data, Split::Test)?;
+    let task = cfg.model.task;
+    let class_weights = train_set
+        .kind
+        .class_weights()
+        .map(|w| Tensor::new(w, &Device::Cpu))
+        .transpose()?;
     let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, opts.seed)?;
     let params: Vec<Var> = model.store().parameters().map(|e| e.var.clone()).collect();
     let mut opt = Optimizer::new(&cfg.train, params.len());
     let batch_size = opts.batch_size.unwrap_or(cfg.train.batch_size);
     let epochs = opts.epochs.unwrap_or(cfg.train.epochs);
-    let per_epoch = train_set.len().div_ceil(batch_size);
+    let per_epoch = train_set.dataset.len().div_ceil(batch_size);
     let total = per_epoch * epochs;
     let last_path = opts.out.join("checkpoint-last.safetensors");
     let best_path = opts.out.join("checkpoint-best.safetensors");
@@ -156,11 +141,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     }
     let rt = DeqRuntime::from_config(&cfg.deq)?;
     let stop = opts.max_steps.map_or(total, |m| m.min(total));
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(opts.out.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}/metrics.jsonl", opts.out.display()))?;
+    let mut log = RunLog::open(&opts.out)?;
     let mut summary = TrainSummary {
         steps: step,
         last_eval: None,
@@ -176,106 +157,100 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
         )
         .expect("valid template"),
     );
-    // The epoch's shuffled order, rebuilt only when the epoch changes.
-    let mut loader: Option<(usize, BatchLoader)> = None;
+    let score_name = match task {
+        Task::Classification => "acc",
+        Task::Segmentation => "pixel acc",
+    };
     while step < stop {
         let epoch = step / per_epoch;
-        if loader.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let l = BatchLoader::new(
-                train_set.as_ref(),
-                batch_size,
-                true,
-                opts.seed,
-                epoch as u64,
+        let loader = train_set.loader(cfg, batch_size, opts.seed, epoch as u64);
+        let first = step % per_epoch;
+        let last = per_epoch.min(first + (stop - step));
+        for batch in loader.prefetch(first..last, 3) {
+            let batch = batch?;
+            let mut mask_rng = rand::rngs::StdRng::seed_from_u64(
+                opts.seed.wrapping_mul(31).wrapping_add(step as u64),
             );
-            loader = Some((epoch, l));
-        }
-        let loader = &loader.as_ref().expect("set above").1;
-        let batch = loader.batch(step % per_epoch, &Device::Cpu)?;
-        let mut mask_rng =
-            rand::rngs::StdRng::seed_from_u64(opts.seed.wrapping_mul(31).wrapping_add(step as u64));
-        let masks = model.dropout_masks(batch.labels.dim(0)?, true, &mut mask_rng)?;
-        let phase = if step < cfg.deq.pretrain_steps {
-            Phase::Unrolled(cfg.model.num_layers)
-        } else {
-            Phase::Deq
-        };
-        let labels = batch.labels.clone();
-        let loss_fn = |logits: &Tensor| candle_nn::loss::cross_entropy(logits, &labels);
-        let g = train_gradients(&model, &batch.images, &masks, &loss_fn, &rt, phase)?;
-        let loss = g.loss.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            bail!("step {step}: the loss is {loss}; stopping before it reaches the weights (last checkpoint: {})", last_path.display());
-        }
-        let grads: Vec<Option<Tensor>> = g.grads.iter().map(|(_, t)| t.clone()).collect();
-        let lr = cosine(cfg.train.lr, step, total);
-        opt.step(&params, &grads, lr)?;
-        step += 1;
-        bar.set_position(step as u64);
-        images_seen += batch.labels.dim(0)?;
-        summary.last_loss = loss;
-        if step % opts.log_every.max(1) == 0 || step == stop {
-            let (c1, _) = correct(&g.logits, &batch.labels)?;
-            let f = g.forward_stats.as_ref();
-            let b = g.backward_stats.as_ref();
-            let record = json!({
-                "kind": "step", "step": step, "epoch": epoch, "loss": loss,
-                "batch_top1": c1 as f64 / batch.labels.dim(0)? as f64, "lr": lr,
-                "phase": if matches!(phase, Phase::Deq) { "deq" } else { "unrolled" },
-                "forward_steps": f.map(|s| s.steps), "forward_residual": f.map(|s| s.worst_lowest()),
-                "backward_steps": b.map(|s| s.steps), "backward_residual": b.map(|s| s.worst_lowest()),
-                "images_per_s": images_seen as f64 / started.elapsed().as_secs_f64(),
-            });
-            writeln!(metrics, "{record}")?;
-            let solver = |s: Option<&mdeq_deq::SolverStats>| {
-                s.map_or("-".to_string(), |s| {
-                    format!("{} steps {:.1e}", s.steps, s.worst_lowest())
-                })
-            };
-            let line = format!(
-                "epoch {epoch} step {step}/{stop} loss {loss:.4} acc {:.1}% lr {lr:.2e} {} fwd {} bwd {} {:.1} img/s",
-                100.0 * record["batch_top1"].as_f64().unwrap_or(0.0),
-                record["phase"].as_str().unwrap_or(""),
-                solver(f),
-                solver(b),
-                record["images_per_s"].as_f64().unwrap_or(0.0)
-            );
-            if bar.is_hidden() {
-                eprintln!("{line}");
+            let masks = model.dropout_masks(batch.images.dim(0)?, true, &mut mask_rng)?;
+            let phase = if step < cfg.deq.pretrain_steps {
+                Phase::Unrolled(cfg.model.num_layers)
             } else {
-                bar.set_message(line);
-            }
-        }
-        let epoch_done = step % per_epoch == 0;
-        if epoch_done || step == stop {
-            // While pretraining the weights are not yet an equilibrium model: validate unrolled,
-            // as the official code does.
-            let mode = if step <= cfg.deq.pretrain_steps {
-                EvalMode::Unrolled(cfg.model.num_layers)
-            } else {
-                EvalMode::Deq(&rt)
+                Phase::Deq
             };
-            let result = evaluate(&model, test_set.as_ref(), mode, batch_size, opts.eval_limit)?;
-            writeln!(
-                metrics,
-                "{}",
-                json!({ "kind": "eval", "step": step, "epoch": epoch, "top1": result.top1, "top5": result.top5, "n": result.n, "mean_forward_steps": result.mean_steps })
-            )?;
-            eprintln!(
-                "eval after step {step}: top-1 {:.2}% top-5 {:.2}% on {} images",
-                100.0 * result.top1,
-                100.0 * result.top5,
-                result.n
-            );
-            if result.top1 > best {
-                best = result.top1;
-                save_checkpoint(&best_path, &model, cfg, &opt, step, best)?;
+            let labels = batch.labels.clone();
+            let loss_fn = |logits: &Tensor| match task {
+                Task::Classification => classification_loss(logits, &labels),
+                Task::Segmentation => segmentation_loss(logits, &labels, class_weights.as_ref()),
+            };
+            let g = train_gradients(&model, &batch.images, &masks, &loss_fn, &rt, phase)?;
+            let loss = g.loss.to_scalar::<f32>()? as f64;
+            if !loss.is_finite() {
+                bail!("step {step}: the loss is {loss}; stopping before it reaches the weights (last checkpoint: {})", last_path.display());
             }
-            save_checkpoint(&last_path, &model, cfg, &opt, step, best)?;
-            summary.last_eval = Some(result);
+            let grads: Vec<Option<Tensor>> = g.grads.iter().map(|(_, t)| t.clone()).collect();
+            let lr = match cfg.train.lr_schedule {
+                LrSchedule::Cosine => cosine(cfg.train.lr, step, total),
+                LrSchedule::Poly => poly(cfg.train.lr, step, total),
+            };
+            opt.step(&params, &grads, lr)?;
+            step += 1;
+            bar.set_position(step as u64);
+            images_seen += batch.images.dim(0)?;
+            summary.last_loss = loss;
+            if step % opts.log_every.max(1) == 0 || step == stop {
+                let f = g.forward_stats.as_ref();
+                let b = g.backward_stats.as_ref();
+                let record = StepRecord {
+                    step,
+                    epoch,
+                    loss,
+                    batch_score: batch_score(task, &g.logits, &batch.labels)?,
+                    lr,
+                    phase: if matches!(phase, Phase::Deq) {
+                        "deq"
+                    } else {
+                        "unrolled"
+                    },
+                    forward_steps: f.map(|s| s.steps),
+                    forward_residual: f.map(|s| s.worst_lowest()),
+                    backward_steps: b.map(|s| s.steps),
+                    backward_residual: b.map(|s| s.worst_lowest()),
+                    forward_trace: f.map(|s| s.mean_rel_trace()).unwrap_or_default(),
+                    backward_trace: b.map(|s| s.mean_rel_trace()).unwrap_or_default(),
+                    images_per_s: images_seen as f64 / started.elapsed().as_secs_f64(),
+                };
+                log.step(&record)?;
+                let line = record.progress_line(score_name, stop);
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.set_message(line);
+                }
+            }
+            let epoch_done = step % per_epoch == 0;
+            if epoch_done || step == stop {
+                // While pretraining the weights are not yet an equilibrium model: validate
+                // unrolled, as the official code does.
+                let mode = if step <= cfg.deq.pretrain_steps {
+                    EvalMode::Unrolled(cfg.model.num_layers)
+                } else {
+                    EvalMode::Deq(&rt)
+                };
+                let test_loader = test_set.loader(cfg, batch_size, 0, 0);
+                let result = evaluate(&model, &test_loader, mode, opts.eval_limit)?;
+                log.eval(step, epoch, &result)?;
+                eprintln!("eval after step {step}: {}", result.summary());
+                if result.score() > best {
+                    best = result.score();
+                    save_checkpoint(&best_path, &model, cfg, &opt, step, best)?;
+                }
+                save_checkpoint(&last_path, &model, cfg, &opt, step, best)?;
+                summary.last_eval = Some(result);
+            }
         }
     }
     bar.finish_and_clear();
+    log.finish()?;
     summary.steps = step;
     Ok(summary)
 }

@@ -1,18 +1,10 @@
 //! Training end to end on a small synthetic IDX dataset: both phases run, checkpoints are
 //! written, and a run interrupted and resumed ends bit-for-bit where an uninterrupted one does.
 
+use mdeq_data::Split;
 use mdeq_model::ExperimentConfig;
 use mdeq_train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
-
-fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        v.extend(d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
-}
 
 /// 24 images of 8×8: class k is a bright k-th row on noise.
 fn dataset(dir: &Path) {
@@ -31,17 +23,8 @@ fn dataset(dir: &Path) {
         }
         labels.push(k as u8);
     }
-    for prefix in ["train", "t10k"] {
-        std::fs::write(
-            dir.join(format!("{prefix}-images-idx3-ubyte")),
-            idx(&[n as u32, 8, 8], &px),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join(format!("{prefix}-labels-idx1-ubyte")),
-            idx(&[n as u32], &labels),
-        )
-        .unwrap();
+    for split in [Split::Train, Split::Test] {
+        mdeq_data::idx::write_split(dir, split, (8, 8), &px, &labels).unwrap();
     }
 }
 
@@ -140,6 +123,19 @@ fn interrupted_and_resumed_training_matches_an_uninterrupted_run() {
     assert!(log.lines().any(|l| l.contains("\"phase\":\"deq\"")
         && l.contains("\"forward_steps\":")
         && !l.contains("\"forward_steps\":null")));
+    // TensorBoard events and the PNG plots (a font is installed by .ci/run).
+    let names: Vec<String> = std::fs::read_dir(root.join("a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("events.out.tfevents.")),
+        "{names:?}"
+    );
+    for png in ["loss.png", "score.png", "residuals.png"] {
+        let bytes = std::fs::read(root.join("a").join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png}");
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
 

@@ -114,6 +114,14 @@ impl SolverStats {
         self.lowest.iter().cloned().fold(0.0, f64::max)
     }
 
+    /// The relative residual at each step, averaged over the batch (for residual-vs-step plots).
+    pub fn mean_rel_trace(&self) -> Vec<f64> {
+        self.rel_trace
+            .iter()
+            .map(|row| row.iter().sum::<f64>() / row.len().max(1) as f64)
+            .collect()
+    }
+
     /// True when every sample converged.
     pub fn all_converged(&self) -> bool {
         self.status.iter().all(|s| *s == SampleStatus::Converged)

@@ -328,6 +328,17 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+/// Learning-rate schedule, stepped every iteration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Cosine annealing to 1e-6 (classification).
+    #[default]
+    Cosine,
+    /// lr·(1 − t/T)^0.9 (the released Cityscapes models, spec §5.4).
+    Poly,
+}
+
 /// Training recipe (spec §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -336,6 +347,9 @@ pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     /// Initial learning rate.
     pub lr: f64,
+    /// Learning-rate schedule.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     /// L2 weight decay.
     #[serde(default)]
     pub weight_decay: f64,
@@ -382,6 +396,10 @@ pub struct DataConfig {
     /// Default root directory.
     #[serde(default)]
     pub root: String,
+    /// Evaluation resolution [height, width] (default: each image's own size, e.g. full
+    /// 1024×2048 Cityscapes frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_size: Option<[usize; 2]>,
 }
 
 /// A whole experiment: model, equilibrium solver, training recipe, data.

@@ -5,8 +5,8 @@
 //! matter to other HRNet tasks (pose joints, heatmaps, ...) are accepted and ignored, as yacs does.
 
 use super::{
-    ClassificationHeadConfig, ConfigError, DataConfig, DeqConfig, ExperimentConfig, ModelConfig,
-    OptimizerKind, SegmentationHeadConfig, StopMode, Task, TrainConfig,
+    ClassificationHeadConfig, ConfigError, DataConfig, DeqConfig, ExperimentConfig, LrSchedule,
+    ModelConfig, OptimizerKind, SegmentationHeadConfig, StopMode, Task, TrainConfig,
 };
 use serde_yaml::Value;
 
@@ -245,6 +245,13 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
     let train = TrainConfig {
         optimizer,
         lr: y.f64_or("TRAIN.LR", 0.001)?,
+        // The released segmentation models were trained with poly decay whatever the yaml says
+        // (spec §5.4).
+        lr_schedule: if is_seg {
+            LrSchedule::Poly
+        } else {
+            LrSchedule::Cosine
+        },
         weight_decay: y.f64_or("TRAIN.WD", 0.0001)?,
         momentum: y.f64_or("TRAIN.MOMENTUM", 0.9)?,
         nesterov: y.bool_or("TRAIN.NESTEROV", false)?,
@@ -260,6 +267,7 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
     let data = DataConfig {
         dataset,
         root: y.str_or("DATASET.ROOT", "")?,
+        eval_size: None,
     };
     let name = std::path::Path::new(origin)
         .file_stem()

@@ -1,0 +1,113 @@
+//! `mdeq eval`: scores a checkpoint on the recipe's evaluation split, at one or several forward
+//! solver thresholds (the accuracy-against-compute curve, printed and drawn).
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use mdeq_checkpoint::format;
+use mdeq_data::Split;
+use mdeq_model::equilibrium::DeqRuntime;
+use mdeq_train::data::RecipeSplit;
+use mdeq_train::evaluate::{evaluate, EvalMode, EvalResult};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// What `mdeq eval` was asked.
+#[derive(Debug, Clone)]
+pub struct EvalRequest {
+    /// The checkpoint (its embedded recipe decides dataset and solver).
+    pub checkpoint: PathBuf,
+    /// Dataset directory (default: the recipe's data.root).
+    pub data: Option<PathBuf>,
+    /// Forward thresholds (empty: the recipe's).
+    pub f_thres: Vec<usize>,
+    /// Batch size.
+    pub batch_size: usize,
+    /// At most this many images.
+    pub limit: Option<usize>,
+    /// Where the accuracy-against-compute PNG goes (several thresholds only).
+    pub plot: Option<PathBuf>,
+}
+
+/// One threshold's scores.
+#[derive(Debug, Clone)]
+pub struct EvalPoint {
+    /// Forward threshold.
+    pub f_thres: usize,
+    /// Scores.
+    pub result: EvalResult,
+}
+
+/// Runs the evaluation; returns one point per threshold and the class names.
+pub fn run(req: &EvalRequest) -> Result<(Vec<EvalPoint>, Option<Vec<String>>)> {
+    let (cfg, model) = format::load(&req.checkpoint, DType::F32, &Device::Cpu)?;
+    let data = req
+        .data
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&cfg.data.root));
+    let test = RecipeSplit::open(&cfg, &data, Split::Test)?;
+    let loader = test.loader(&cfg, req.batch_size, 0, 0);
+    let thresholds = if req.f_thres.is_empty() {
+        vec![cfg.deq.f_thres]
+    } else {
+        req.f_thres.clone()
+    };
+    let mut points = Vec::new();
+    for t in thresholds {
+        let mut deq = cfg.deq.clone();
+        deq.f_thres = t;
+        let rt = DeqRuntime::from_config(&deq)?;
+        let result = evaluate(&model, &loader, EvalMode::Deq(&rt), req.limit)?;
+        points.push(EvalPoint { f_thres: t, result });
+    }
+    Ok((points, test.kind.class_names()))
+}
+
+/// The human-readable report: one line per threshold, then the per-class IoU table of the last.
+pub fn report(points: &[EvalPoint], class_names: Option<&[String]>) -> String {
+    let mut out = String::new();
+    for p in points {
+        out += &format!(
+            "f_thres {:>3}: {} ({:.1} solver steps per batch)\n",
+            p.f_thres,
+            p.result.summary(),
+            p.result.mean_steps
+        );
+    }
+    if let Some(iou) = points.last().and_then(|p| p.result.class_iou.as_ref()) {
+        out += "class                  IoU\n";
+        for (c, v) in iou.iter().enumerate() {
+            let name = class_names
+                .and_then(|n| n.get(c).cloned())
+                .unwrap_or_else(|| c.to_string());
+            out += &format!("{name:<20} {:>6.2}%\n", 100.0 * v);
+        }
+    }
+    out
+}
+
+/// The `--json` object: the scores of a single threshold, or `{"curve": [...]}`.
+pub fn json_report(points: &[EvalPoint]) -> serde_json::Value {
+    let one = |p: &EvalPoint| {
+        let mut v = serde_json::to_value(&p.result).expect("plain numbers");
+        v["f_thres"] = p.f_thres.into();
+        v
+    };
+    match points {
+        [p] => one(p),
+        _ => json!({ "curve": points.iter().map(one).collect::<Vec<_>>() }),
+    }
+}
+
+/// Draws the accuracy-against-compute curve of several thresholds.
+pub fn plot(points: &[EvalPoint], path: &Path) -> Result<()> {
+    let metric = if points.iter().any(|p| p.result.miou.is_some()) {
+        "mIoU"
+    } else {
+        "top-1 accuracy"
+    };
+    let xy: Vec<(usize, f64)> = points
+        .iter()
+        .map(|p| (p.f_thres, p.result.score()))
+        .collect();
+    mdeq_train::plots::accuracy_vs_compute(path, metric, &xy)
+}

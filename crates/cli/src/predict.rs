@@ -1,0 +1,147 @@
+//! `mdeq predict`: classes with probabilities for each image, or for segmentation models a
+//! colour label map and an overlay PNG per image.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use mdeq_checkpoint::format;
+use mdeq_data::image_folder::decode_image;
+use mdeq_data::{DatasetKind, Image, Sample, Split, Target, Transform};
+use mdeq_model::equilibrium::{eval_forward, DeqRuntime};
+use mdeq_model::Task;
+use mdeq_train::loss::predict_pixels;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// One image's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    /// The input file.
+    pub image: String,
+    /// (class index, class name, probability), most likely first (classification).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<(usize, String, f64)>,
+    /// Written label-map and overlay PNGs (segmentation).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub written: Vec<String>,
+    /// Forward solver steps and final residual.
+    pub solver_steps: usize,
+    /// Lowest residual the solver reached.
+    pub residual: f64,
+}
+
+/// Predicts every image in `images` with the checkpoint; segmentation PNGs go to `out`.
+pub fn run(
+    checkpoint: &Path,
+    images: &[PathBuf],
+    top_k: usize,
+    out: &Path,
+) -> Result<Vec<Prediction>> {
+    let (cfg, model) = format::load(checkpoint, DType::F32, &Device::Cpu)?;
+    let kind = DatasetKind::parse(&cfg.data.dataset)?;
+    let names = kind.class_names();
+    let rt = DeqRuntime::from_config(&cfg.deq)?;
+    let norm = kind.normalization();
+    let [h, w] = cfg.model.image_size;
+    let mut preds = Vec::new();
+    for path in images {
+        let raw = decode_image(path, cfg.model.in_channels)?;
+        // Classification inputs are brought to the recipe's evaluation size; segmentation keeps
+        // the image's own size unless the recipe fixes one (model strides permitting).
+        let transform = match (
+            cfg.model.task,
+            kind.transform(Split::Test, false, [h, w], cfg.data.eval_size),
+        ) {
+            (Task::Classification, Transform::Identity) => Transform::Resize {
+                height: h,
+                width: w,
+            },
+            (_, t) => t,
+        };
+        let sample = Sample {
+            image: raw.clone(),
+            target: Target::Class(0),
+        };
+        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
+        let image = transform.apply(sample, &mut rng)?.image;
+        cfg.model
+            .check_input_size(image.height, image.width)
+            .with_context(|| format!("{}: resize it or set data.eval_size", path.display()))?;
+        let x = Tensor::from_vec(
+            norm.apply(&image),
+            (1, image.channels, image.height, image.width),
+            &Device::Cpu,
+        )?;
+        let (logits, _, stats) = eval_forward(&model, &x, &rt)?;
+        let mut pred = Prediction {
+            image: path.display().to_string(),
+            top: Vec::new(),
+            written: Vec::new(),
+            solver_steps: stats.steps,
+            residual: stats.worst_lowest(),
+        };
+        match cfg.model.task {
+            Task::Classification => {
+                let p = candle_nn::ops::softmax(&logits, 1)?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?;
+                let mut order: Vec<usize> = (0..p.len()).collect();
+                order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+                pred.top = order
+                    .into_iter()
+                    .take(top_k)
+                    .map(|c| {
+                        let name = names
+                            .as_ref()
+                            .and_then(|n| n.get(c).cloned())
+                            .unwrap_or_else(|| c.to_string());
+                        (c, name, p[c] as f64)
+                    })
+                    .collect();
+            }
+            Task::Segmentation => {
+                let classes = predict_pixels(&logits, image.height, image.width)?
+                    .squeeze(0)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()?;
+                let palette = kind.palette(cfg.model.num_classes);
+                pred.written = write_segmentation(path, out, &image, &classes, &palette)?;
+            }
+        }
+        preds.push(pred);
+    }
+    Ok(preds)
+}
+
+/// Writes `<stem>_labels.png` (palette colours) and `<stem>_overlay.png` (half image, half
+/// colours) into `out`.
+fn write_segmentation(
+    input: &Path,
+    out: &Path,
+    image: &Image,
+    classes: &[u32],
+    palette: &[[u8; 3]],
+) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let (w, h) = (image.width as u32, image.height as u32);
+    let colour = |i: usize| palette[classes[i] as usize % palette.len()];
+    let labels = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(colour((y * w + x) as usize)));
+    let overlay = image::RgbImage::from_fn(w, h, |x, y| {
+        let i = (y * w + x) as usize;
+        let c = image.channels;
+        let px = |k: usize| image.pixels[i * c + k.min(c - 1)] as u16;
+        let col = colour(i);
+        image::Rgb([0, 1, 2].map(|k| ((px(k) + col[k] as u16) / 2) as u8))
+    });
+    let mut written = Vec::new();
+    for (suffix, img) in [("labels", labels), ("overlay", overlay)] {
+        let path = out.join(format!("{stem}_{suffix}.png"));
+        img.save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        written.push(path.display().to_string());
+    }
+    Ok(written)
+}

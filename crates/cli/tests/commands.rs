@@ -1,0 +1,272 @@
+//! `mdeq train`, `mdeq eval` and `mdeq predict` driven as a user would, on small datasets this
+//! test writes in the IDX layout: a classification recipe and a fashion-scenes segmentation
+//! recipe, each trained for a few steps, evaluated, and asked for predictions.
+
+use mdeq_data::Split;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// 20 images of 8×8: class k (0..4) is a bright block at row 2k on a dark background.
+fn write_items(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let n = 20;
+    let (mut px, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let k = i % 4;
+        for p in 0..64 {
+            let (y, x) = (p / 8, p % 8);
+            px.push(if y / 2 == k && (2..6).contains(&x) {
+                220
+            } else {
+                0
+            });
+        }
+        labels.push(k as u8);
+    }
+    for split in [Split::Train, Split::Test] {
+        mdeq_data::idx::write_split(dir, split, (8, 8), &px, &labels).unwrap();
+    }
+}
+
+const COMMON: &str = r#"
+[deq]
+f_thres = 3
+b_thres = 3
+stop_mode = "rel"
+pretrain_steps = 2
+[train]
+optimizer = "adam"
+lr = 0.01
+epochs = 1
+batch_size = 5
+"#;
+
+fn classification_recipe() -> String {
+    format!(
+        r#"name = "cls-e2e"
+[model]
+task = "classification"
+num_channels = [4, 4]
+expansion_factor = 2
+num_groups = 2
+downsample_times = 0
+post_gn_affine = false
+num_layers = 2
+num_classes = 10
+image_size = [8, 8]
+in_channels = 1
+[model.classification_head]
+head_channels = [2, 2]
+final_chansize = 8
+{COMMON}
+[data]
+dataset = "fashion_mnist"
+"#
+    )
+}
+
+fn segmentation_recipe() -> String {
+    format!(
+        r#"name = "seg-e2e"
+[model]
+task = "segmentation"
+num_channels = [4, 4, 4]
+num_blocks = [1, 1, 1]
+big_kernels = [0, 0, 0]
+expansion_factor = 2
+num_groups = 2
+downsample_times = 1
+post_gn_affine = true
+num_layers = 2
+num_classes = 11
+image_size = [16, 16]
+in_channels = 1
+[model.segmentation_head]
+final_conv_kernel = 1
+{COMMON}
+[data]
+dataset = "fashion_scenes"
+"#
+    )
+}
+
+fn mdeq(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mdeq {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn last_json(stdout: &str) -> Value {
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn setup(tag: &str, recipe: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join(format!("mdeq-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    write_items(&data);
+    let cfg = root.join("recipe.toml");
+    std::fs::write(&cfg, recipe).unwrap();
+    (root, data, cfg)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Trains the recipe for four steps; returns its last checkpoint.
+fn train_briefly(cfg: &Path, data: &Path, out: &Path) -> PathBuf {
+    let args = [
+        "train",
+        "--config",
+        s(cfg),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+    ];
+    mdeq(&[&args[..], &["--max-steps", "4"]].concat());
+    out.join("checkpoint-last.safetensors")
+}
+
+#[test]
+fn classification_train_eval_predict() {
+    let (root, data, cfg) = setup("cls", &classification_recipe());
+    let out = root.join("run");
+    let ckpt = train_briefly(&cfg, &data, &out);
+    let curve = last_json(&mdeq(&[
+        "eval",
+        "--checkpoint",
+        s(&ckpt),
+        "--data",
+        s(&data),
+        "--f-thres",
+        "1,3",
+        "--json",
+    ]));
+    let points = curve["curve"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for (p, t) in points.iter().zip([1, 3]) {
+        assert_eq!(p["f_thres"], t);
+        assert_eq!(p["n"], 20);
+        let (t1, t5) = (p["top1"].as_f64().unwrap(), p["top5"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&t1) && t1 <= t5);
+    }
+    assert!(std::fs::read(out.join("accuracy_vs_compute.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+    let one = last_json(&mdeq(&[
+        "eval",
+        "--checkpoint",
+        s(&ckpt),
+        "--data",
+        s(&data),
+        "--json",
+    ]));
+    assert!(one["top1"].is_number() && one["f_thres"] == 3);
+
+    // A grey PNG of a different size: resized to the recipe's 8×8.
+    let png = root.join("item.png");
+    image::GrayImage::from_fn(16, 16, |x, y| {
+        image::Luma([if y / 4 == 1 && x > 3 { 220 } else { 0 }])
+    })
+    .save(&png)
+    .unwrap();
+    let pred = last_json(&mdeq(&[
+        "predict",
+        "--checkpoint",
+        s(&ckpt),
+        "--top-k",
+        "3",
+        "--json",
+        s(&png),
+    ]));
+    let top = pred["predictions"][0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    let probs: Vec<f64> = top.iter().map(|t| t[2].as_f64().unwrap()).collect();
+    assert!(probs.windows(2).all(|w| w[0] >= w[1]) && probs.iter().sum::<f64>() <= 1.0 + 1e-6);
+    let names = mdeq_data::idx::FASHION_MNIST_CLASSES;
+    for t in top {
+        assert_eq!(
+            t[1].as_str().unwrap(),
+            names[t[0].as_u64().unwrap() as usize]
+        );
+    }
+    // A file that is not an image: an error naming it.
+    std::fs::write(root.join("bad.png"), b"nope").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+        .args([
+            "predict",
+            "--checkpoint",
+            s(&ckpt),
+            s(&root.join("bad.png")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad.png"));
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn segmentation_train_eval_predict() {
+    let (root, data, cfg) = setup("seg", &segmentation_recipe());
+    let out = root.join("run");
+    let ckpt = train_briefly(&cfg, &data, &out);
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(log
+        .lines()
+        .any(|l| l.contains("\"kind\":\"eval\"") && l.contains("\"miou\"")));
+    let r = last_json(&mdeq(&[
+        "eval",
+        "--checkpoint",
+        s(&ckpt),
+        "--data",
+        s(&data),
+        "--json",
+    ]));
+    let iou: Vec<f64> = r["class_iou"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(iou.len(), 11);
+    let mean = iou.iter().sum::<f64>() / 11.0;
+    assert!((r["miou"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let table = mdeq(&["eval", "--checkpoint", s(&ckpt), "--data", s(&data)]);
+    assert!(table.contains("mIoU") && table.contains("background") && table.contains("ankle boot"));
+
+    let png = root.join("scene.png");
+    image::GrayImage::from_fn(16, 16, |x, y| {
+        image::Luma([if (4..10).contains(&y) && x > 5 {
+            200
+        } else {
+            0
+        }])
+    })
+    .save(&png)
+    .unwrap();
+    let pred_dir = root.join("pred");
+    mdeq(&[
+        "predict",
+        "--checkpoint",
+        s(&ckpt),
+        "--out",
+        s(&pred_dir),
+        s(&png),
+    ]);
+    for name in ["scene_labels.png", "scene_overlay.png"] {
+        let img = image::open(pred_dir.join(name)).unwrap();
+        assert_eq!((img.width(), img.height()), (16, 16), "{name}");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}

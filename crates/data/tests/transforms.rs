@@ -1,0 +1,201 @@
+//! The recipes' augmentations on hand-made images, and the loader's seeded reproducibility
+//! with augmentation, parallel decoding and prefetching.
+
+use mdeq_data::transform::{crop, flip_horizontal, pad_to};
+use mdeq_data::{
+    BatchLoader, DataError, Dataset, Image, Normalization, Sample, Target, Transform, IGNORE_LABEL,
+};
+use rand::SeedableRng;
+use std::sync::Arc;
+
+fn ramp(c: usize, h: usize, w: usize) -> Image {
+    Image {
+        channels: c,
+        height: h,
+        width: w,
+        pixels: (0..c * h * w).map(|i| (i % 251) as u8 + 1).collect(),
+    }
+}
+
+fn labelled(h: usize, w: usize) -> Sample {
+    let image = ramp(3, h, w);
+    let mask = Image {
+        channels: 1,
+        height: h,
+        width: w,
+        pixels: (0..h * w).map(|i| ((i / w) % 5) as u8).collect(),
+    };
+    Sample {
+        image,
+        target: Target::Mask(mask),
+    }
+}
+
+fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+#[test]
+fn crop_pad_and_flip_move_pixels_where_they_should() {
+    let img = ramp(2, 3, 4);
+    let flipped = flip_horizontal(&img);
+    assert_eq!(flip_horizontal(&flipped), img);
+    assert_eq!(
+        &flipped.pixels[0..2],
+        &img.pixels[6..8],
+        "first pixel of a row is its last"
+    );
+    let padded = pad_to(&img, 5, 6, 1, 1, 0);
+    assert_eq!(crop(&padded, 1, 1, 3, 4), img);
+    assert!(
+        padded.pixels[..12].iter().all(|&v| v == 0),
+        "top row is padding"
+    );
+}
+
+#[test]
+fn pad_crop_flip_keeps_size_and_shifts_content() {
+    let img = ramp(1, 8, 8);
+    let s = Sample {
+        image: img.clone(),
+        target: Target::Class(3),
+    };
+    for seed in 0..20 {
+        let out = Transform::PadCropFlip { pad: 2 }
+            .apply(s.clone(), &mut rng(seed))
+            .unwrap();
+        assert_eq!((out.image.height, out.image.width), (8, 8));
+        assert_eq!(out.target, Target::Class(3));
+        // Every non-zero output value is an input value (zeros come from padding).
+        assert!(out
+            .image
+            .pixels
+            .iter()
+            .all(|v| *v == 0 || img.pixels.contains(v)));
+    }
+}
+
+#[test]
+fn segmentation_transforms_keep_image_and_labels_aligned() {
+    let s = labelled(40, 80);
+    for seed in 0..10 {
+        let t = Transform::ScaleCropFlip {
+            base_long: 80,
+            crop: (24, 32),
+        };
+        let out = t.apply(s.clone(), &mut rng(seed)).unwrap();
+        let Target::Mask(m) = &out.target else {
+            panic!("mask")
+        };
+        assert_eq!(
+            (out.image.height, out.image.width, m.height, m.width),
+            (24, 32, 24, 32)
+        );
+        // Nearest resizing invents no label; padding is ignore.
+        assert!(m.pixels.iter().all(|&l| l < 5 || l == IGNORE_LABEL));
+        // Labels are constant along rows of the source, and rows are never mirrored: each
+        // output row holds one label (or ignore where padded).
+        for row in m.pixels.chunks(32) {
+            let labels: std::collections::BTreeSet<_> =
+                row.iter().filter(|&&l| l != IGNORE_LABEL).collect();
+            assert!(labels.len() <= 1, "{row:?}");
+        }
+    }
+    let out = Transform::Resize {
+        height: 20,
+        width: 40,
+    }
+    .apply(s.clone(), &mut rng(0))
+    .unwrap();
+    assert_eq!((out.image.height, out.image.width), (20, 40));
+    let bad = Sample {
+        image: ramp(3, 4, 4),
+        target: Target::Mask(ramp(1, 4, 5)),
+    };
+    assert!(Transform::Identity.apply(bad, &mut rng(0)).is_err());
+}
+
+#[test]
+fn imagenet_crops_have_the_recipe_size() {
+    let s = Sample {
+        image: ramp(3, 50, 70),
+        target: Target::Class(1),
+    };
+    for seed in 0..10 {
+        let out = Transform::RandomResizedCropFlip { size: 24 }
+            .apply(s.clone(), &mut rng(seed))
+            .unwrap();
+        assert_eq!(
+            (out.image.channels, out.image.height, out.image.width),
+            (3, 24, 24)
+        );
+    }
+    let out = Transform::ResizeCenterCrop {
+        resize: 28,
+        crop: 24,
+    }
+    .apply(s, &mut rng(0))
+    .unwrap();
+    assert_eq!((out.image.height, out.image.width), (24, 24));
+}
+
+/// Eight 12×12 RGB images with masks, for loader tests.
+struct Toy;
+impl Dataset for Toy {
+    fn len(&self) -> usize {
+        8
+    }
+    fn channels(&self) -> usize {
+        3
+    }
+    fn num_classes(&self) -> usize {
+        5
+    }
+    fn get(&self, i: usize) -> Result<Sample, DataError> {
+        let mut s = labelled(12, 12);
+        s.image
+            .pixels
+            .iter_mut()
+            .for_each(|p| *p = p.wrapping_add(i as u8));
+        Ok(s)
+    }
+}
+
+#[test]
+fn augmented_batches_are_reproducible_and_prefetch_gives_the_same() {
+    let ds: Arc<dyn Dataset> = Arc::new(Toy);
+    let norm = Normalization {
+        mean: vec![0.5, 0.4, 0.3],
+        std: vec![0.2, 0.2, 0.2],
+    };
+    let t = Transform::ScaleCropFlip {
+        base_long: 12,
+        crop: (8, 8),
+    };
+    let loader = |epoch| BatchLoader::new(ds.clone(), t.clone(), norm.clone(), 3, true, 7, epoch);
+    let dev = candle_core::Device::Cpu;
+    let flat = |b: mdeq_data::Batch| {
+        (
+            b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.labels.flatten_all().unwrap().to_vec1::<i64>().unwrap(),
+        )
+    };
+    let a: Vec<_> = (0..3)
+        .map(|i| flat(loader(0).batch(i, &dev).unwrap()))
+        .collect();
+    let b: Vec<_> = loader(0)
+        .prefetch(0..3, 2)
+        .map(|b| flat(b.unwrap()))
+        .collect();
+    assert_eq!(
+        a, b,
+        "same seed and epoch: same augmented batches, prefetched or not"
+    );
+    let c: Vec<_> = (0..3)
+        .map(|i| flat(loader(1).batch(i, &dev).unwrap()))
+        .collect();
+    assert_ne!(a, c, "another epoch draws other augmentations");
+    let batch = loader(0).batch(0, &dev).unwrap();
+    assert_eq!(batch.images.dims(), &[3, 3, 8, 8]);
+    assert_eq!(batch.labels.dims(), &[3, 8, 8]);
+}

@@ -1,0 +1,56 @@
+//! Training losses: cross-entropy on classes, and the segmentation loss of the official recipe
+//! (logits upsampled bilinearly with align_corners = true to the label size, per-class weighted
+//! cross-entropy that skips the ignore label, spec §5.3).
+
+use candle_core::{DType, Result, Tensor};
+use mdeq_data::IGNORE_LABEL;
+use mdeq_model::nn::upsample::bilinear_resize;
+
+/// Mean cross-entropy of (B, K) logits against (B) class indices.
+pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    candle_nn::loss::cross_entropy(logits, labels)
+}
+
+/// Weighted mean cross-entropy of (B, K, h, w) logits against (B, H, W) labels:
+/// Σ w_y·(−log p_y) / Σ w_y over pixels whose label is not [`IGNORE_LABEL`]; unit weights when
+/// `class_weights` is None. Zero (with a zero gradient) when every pixel is ignored.
+pub fn segmentation_loss(
+    logits: &Tensor,
+    labels: &Tensor,
+    class_weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, k, _, _) = logits.dims4()?;
+    let (_, h, w) = labels.dims3()?;
+    let logits = bilinear_resize(logits, h, w, true)?;
+    let log_p = candle_nn::ops::log_softmax(&logits, 1)?;
+    let valid = labels.ne(IGNORE_LABEL as i64)?;
+    let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
+    let picked = log_p
+        .gather(&safe.unsqueeze(1)?.contiguous()?, 1)?
+        .squeeze(1)?;
+    let valid_f = valid.to_dtype(logits.dtype())?;
+    let weight = match class_weights {
+        Some(cw) => {
+            if cw.dim(0)? != k {
+                candle_core::bail!("{} class weights for {k} classes", cw.dim(0)?);
+            }
+            cw.to_dtype(logits.dtype())?
+                .index_select(&safe.flatten_all()?, 0)?
+                .reshape((b, h, w))?
+                .mul(&valid_f)?
+        }
+        None => valid_f,
+    };
+    let total = weight.sum_all()?;
+    let denom = total.maximum(1e-12)?;
+    picked.mul(&weight)?.sum_all()?.neg()?.div(&denom)
+}
+
+/// Per-pixel predicted classes (B, H, W) of (B, K, h, w) logits upsampled to (H, W) as the
+/// official validation does (bilinear, align_corners = true).
+pub fn predict_pixels(logits: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    bilinear_resize(logits, height, width, true)?
+        .argmax_keepdim(1)?
+        .squeeze(1)?
+        .to_dtype(DType::U32)
+}

@@ -1,0 +1,87 @@
+//! Scores: top-k accuracy for classification, the confusion matrix and IoU for segmentation
+//! (spec §5.3: pixels labelled ignore are skipped; IoU_c = TP / max(1, TP + FP + FN)).
+
+use candle_core::{DType, Result, Tensor};
+use mdeq_data::IGNORE_LABEL;
+
+/// (top-1 correct, top-5 correct) in a batch of (B, K) logits and (B) labels.
+pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let labels = labels.to_vec1::<i64>()?;
+    let (mut c1, mut c5) = (0, 0);
+    for (row, &label) in rows.iter().zip(&labels) {
+        let target = row[label as usize];
+        let better = row.iter().filter(|&&v| v > target).count();
+        c1 += (better == 0) as usize;
+        c5 += (better < 5) as usize;
+    }
+    Ok((c1, c5))
+}
+
+/// Counts of (true class, predicted class) over labelled pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfusionMatrix {
+    classes: usize,
+    counts: Vec<u64>,
+}
+
+impl ConfusionMatrix {
+    /// An empty matrix for `classes` classes.
+    pub fn new(classes: usize) -> Self {
+        Self {
+            classes,
+            counts: vec![0; classes * classes],
+        }
+    }
+
+    /// Adds (B, H, W) int64 labels against (B, H, W) predicted classes; ignore-labelled pixels are
+    /// skipped; a label outside 0..classes is an error.
+    pub fn add(&mut self, labels: &Tensor, predicted: &Tensor) -> Result<()> {
+        let labels = labels.flatten_all()?.to_vec1::<i64>()?;
+        let predicted = predicted
+            .flatten_all()?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        for (&t, &p) in labels.iter().zip(&predicted) {
+            if t == IGNORE_LABEL as i64 {
+                continue;
+            }
+            if t < 0 || t as usize >= self.classes {
+                candle_core::bail!("label {t} outside 0..{} (and not ignore)", self.classes);
+            }
+            self.counts[t as usize * self.classes + p as usize] += 1;
+        }
+        Ok(())
+    }
+
+    /// Pixels counted.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Intersection over union of each class.
+    pub fn iou(&self) -> Vec<f64> {
+        let k = self.classes;
+        (0..k)
+            .map(|c| {
+                let tp = self.counts[c * k + c];
+                let actual: u64 = (0..k).map(|p| self.counts[c * k + p]).sum();
+                let predicted: u64 = (0..k).map(|t| self.counts[t * k + c]).sum();
+                tp as f64 / (actual + predicted - tp).max(1) as f64
+            })
+            .collect()
+    }
+
+    /// Mean IoU over all classes.
+    pub fn mean_iou(&self) -> f64 {
+        let iou = self.iou();
+        iou.iter().sum::<f64>() / iou.len().max(1) as f64
+    }
+
+    /// Fraction of counted pixels predicted right.
+    pub fn pixel_accuracy(&self) -> f64 {
+        let k = self.classes;
+        let tp: u64 = (0..k).map(|c| self.counts[c * k + c]).sum();
+        tp as f64 / self.total().max(1) as f64
+    }
+}

@@ -1,0 +1,158 @@
+//! What a training run records: one JSON line per logged step and per evaluation in
+//! `metrics.jsonl`, the same scalars as TensorBoard events, and at the end PNG plots.
+
+use crate::evaluate::EvalResult;
+use crate::plots;
+use crate::tensorboard::EventWriter;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One logged training step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Epoch of the step.
+    pub epoch: usize,
+    /// Training loss.
+    pub loss: f64,
+    /// Batch top-1 (classification) or pixel accuracy (segmentation).
+    pub batch_score: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// `unrolled` or `deq`.
+    pub phase: &'static str,
+    /// Forward solver steps (DEQ phase).
+    pub forward_steps: Option<usize>,
+    /// Forward solver: worst lowest residual over the batch.
+    pub forward_residual: Option<f64>,
+    /// Backward solver steps (DEQ phase).
+    pub backward_steps: Option<usize>,
+    /// Backward solver: worst lowest residual over the batch.
+    pub backward_residual: Option<f64>,
+    /// Forward relative residual per solver step, averaged over the batch.
+    pub forward_trace: Vec<f64>,
+    /// Backward relative residual per solver step, averaged over the batch.
+    pub backward_trace: Vec<f64>,
+    /// Training throughput since the run (re)started.
+    pub images_per_s: f64,
+}
+
+impl StepRecord {
+    /// The live progress line.
+    pub fn progress_line(&self, score_name: &str, stop: usize) -> String {
+        let solver = |n: Option<usize>, r: Option<f64>| match (n, r) {
+            (Some(n), Some(r)) => format!("{n} steps {r:.1e}"),
+            _ => "-".to_string(),
+        };
+        format!(
+            "epoch {} step {}/{stop} loss {:.4} {score_name} {:.1}% lr {:.2e} {} fwd {} bwd {} {:.1} img/s",
+            self.epoch,
+            self.step,
+            self.loss,
+            100.0 * self.batch_score,
+            self.lr,
+            self.phase,
+            solver(self.forward_steps, self.forward_residual),
+            solver(self.backward_steps, self.backward_residual),
+            self.images_per_s
+        )
+    }
+}
+
+/// The metrics file, the event file and what the plots need.
+pub struct RunLog {
+    dir: PathBuf,
+    metrics: std::fs::File,
+    events: Option<EventWriter>,
+}
+
+impl RunLog {
+    /// Opens (appending) `<dir>/metrics.jsonl` and a new TensorBoard event file in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let events = match EventWriter::create(dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("warning: no TensorBoard events ({}: {e})", dir.display());
+                None
+            }
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            metrics,
+            events,
+        })
+    }
+
+    fn scalars(&mut self, step: usize, values: &[(&str, Option<f64>)]) -> Result<()> {
+        if let Some(w) = self.events.as_mut() {
+            for (tag, v) in values {
+                if let Some(v) = v {
+                    w.scalar(tag, step, *v)?;
+                }
+            }
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Records a training step.
+    pub fn step(&mut self, r: &StepRecord) -> Result<()> {
+        let mut json = serde_json::to_value(r)?;
+        json["kind"] = "step".into();
+        writeln!(self.metrics, "{json}")?;
+        self.scalars(
+            r.step,
+            &[
+                ("train/loss", Some(r.loss)),
+                ("train/batch_score", Some(r.batch_score)),
+                ("train/lr", Some(r.lr)),
+                ("train/images_per_s", Some(r.images_per_s)),
+                ("solver/forward_steps", r.forward_steps.map(|n| n as f64)),
+                ("solver/forward_residual", r.forward_residual),
+                ("solver/backward_steps", r.backward_steps.map(|n| n as f64)),
+                ("solver/backward_residual", r.backward_residual),
+            ],
+        )
+    }
+
+    /// Records an evaluation.
+    pub fn eval(&mut self, step: usize, epoch: usize, r: &EvalResult) -> Result<()> {
+        let mut json = serde_json::to_value(r)?;
+        json["kind"] = "eval".into();
+        json["step"] = step.into();
+        json["epoch"] = epoch.into();
+        writeln!(self.metrics, "{json}")?;
+        self.scalars(
+            step,
+            &[
+                ("eval/top1", r.top1),
+                ("eval/top5", r.top5),
+                ("eval/miou", r.miou),
+                ("eval/pixel_accuracy", r.pixel_accuracy),
+                ("eval/mean_forward_steps", Some(r.mean_steps)),
+            ],
+        )
+    }
+
+    /// Flushes the logs and draws the plots from the whole `metrics.jsonl` (a resumed run's
+    /// plots cover every part of it).
+    pub fn finish(mut self) -> Result<()> {
+        self.metrics.flush()?;
+        if let Some(w) = self.events.as_mut() {
+            w.flush()?;
+        }
+        if let Err(e) = plots::training_plots(&self.dir) {
+            eprintln!("warning: plots not drawn: {e:#}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! The segmentation loss against a float64 hand computation, the confusion matrix and IoU on a
+//! hand-counted example, and the TensorBoard event file decoded field by field.
+
+use candle_core::{Device, Tensor};
+use mdeq_train::loss::segmentation_loss;
+use mdeq_train::metrics::ConfusionMatrix;
+use mdeq_train::tensorboard::EventWriter;
+
+#[test]
+fn segmentation_loss_is_the_weighted_mean_over_labelled_pixels() {
+    // B = 2, K = 3, 2×2 pixels (no resizing: logits already at label size).
+    let logits: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.0).collect();
+    let labels: Vec<i64> = vec![0, 2, 255, 1, 1, 1, 0, 255];
+    let weights = [0.5f64, 2.0, 1.5];
+    let dev = Device::Cpu;
+    let t_logits = Tensor::from_vec(logits.clone(), (2, 3, 2, 2), &dev).unwrap();
+    let t_labels = Tensor::from_vec(labels.clone(), (2, 2, 2), &dev).unwrap();
+    let t_weights = Tensor::new(&[0.5f32, 2.0, 1.5], &dev).unwrap();
+    let (mut num, mut den) = (0f64, 0f64);
+    for b in 0..2 {
+        for p in 0..4 {
+            let y = labels[b * 4 + p];
+            if y == 255 {
+                continue;
+            }
+            let z: Vec<f64> = (0..3).map(|k| logits[b * 12 + k * 4 + p] as f64).collect();
+            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+            let w = weights[y as usize];
+            num += w * (lse - z[y as usize]);
+            den += w;
+        }
+    }
+    let got = segmentation_loss(&t_logits, &t_labels, Some(&t_weights))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!((got - num / den).abs() < 1e-6, "{got} vs {}", num / den);
+    let all_ignored = Tensor::full(255i64, (2, 2, 2), &dev).unwrap();
+    let zero = segmentation_loss(&t_logits, &all_ignored, None).unwrap();
+    assert_eq!(zero.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn confusion_matrix_iou_by_hand() {
+    let dev = Device::Cpu;
+    // truth:     0 0 1 1 2 255
+    // predicted: 0 1 1 1 0 2
+    let truth = Tensor::new(&[0i64, 0, 1, 1, 2, 255], &dev).unwrap();
+    let pred = Tensor::new(&[0u32, 1, 1, 1, 0, 2], &dev).unwrap();
+    let mut m = ConfusionMatrix::new(3);
+    m.add(&truth, &pred).unwrap();
+    assert_eq!(m.total(), 5, "the ignored pixel is not counted");
+    // class 0: TP 1, FN 1, FP 1 → 1/3; class 1: TP 2, FP 1 → 2/3; class 2: TP 0 → 0.
+    let iou = m.iou();
+    assert!((iou[0] - 1.0 / 3.0).abs() < 1e-12 && (iou[1] - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(iou[2], 0.0);
+    assert!((m.mean_iou() - 1.0 / 3.0).abs() < 1e-12);
+    assert!((m.pixel_accuracy() - 3.0 / 5.0).abs() < 1e-12);
+    let bad = Tensor::new(&[7i64], &dev).unwrap();
+    assert!(m.add(&bad, &Tensor::new(&[0u32], &dev).unwrap()).is_err());
+}
+
+fn read_varint(b: &[u8], at: &mut usize) -> u64 {
+    let (mut v, mut shift) = (0u64, 0);
+    loop {
+        let byte = b[*at];
+        *at += 1;
+        v |= ((byte & 0x7f) as u64) << shift;
+        if byte < 0x80 {
+            return v;
+        }
+        shift += 7;
+    }
+}
+
+/// (field number, wire type, payload bytes or fixed value bytes) of one protobuf message.
+fn fields(b: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < b.len() {
+        let key = read_varint(b, &mut at);
+        let (field, wire) = (key >> 3, key & 7);
+        let payload = match wire {
+            0 => read_varint(b, &mut at).to_le_bytes().to_vec(),
+            1 => {
+                at += 8;
+                b[at - 8..at].to_vec()
+            }
+            2 => {
+                let n = read_varint(b, &mut at) as usize;
+                at += n;
+                b[at - n..at].to_vec()
+            }
+            5 => {
+                at += 4;
+                b[at - 4..at].to_vec()
+            }
+            w => panic!("wire type {w}"),
+        };
+        out.push((field, wire, payload));
+    }
+    out
+}
+
+#[test]
+fn tensorboard_events_decode_to_the_logged_scalars() {
+    let dir = std::env::temp_dir().join(format!("mdeq-tb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = EventWriter::create(&dir).unwrap();
+    w.scalar("train/loss", 7, 0.25).unwrap();
+    w.scalar("eval/top1", 300, 0.875).unwrap();
+    w.flush().unwrap();
+    let bytes = std::fs::read(w.path()).unwrap();
+    // The TFRecord masked CRC-32C, computed here from the Castagnoli polynomial bit by bit.
+    let crc32c = |data: &[u8]| {
+        let mut crc = !0u32;
+        for &byte in data {
+            crc ^= byte as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        let crc = !crc;
+        crc.rotate_right(15).wrapping_add(0xa282_ead8)
+    };
+    let mut at = 0;
+    let mut events = Vec::new();
+    while at < bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let n = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+        assert_eq!(len_crc, crc32c(len_bytes));
+        let data = &bytes[at + 12..at + 12 + n];
+        let data_crc = u32::from_le_bytes(bytes[at + 12 + n..at + 16 + n].try_into().unwrap());
+        assert_eq!(data_crc, crc32c(data));
+        events.push(fields(data));
+        at += 16 + n;
+    }
+    assert_eq!(events.len(), 3);
+    assert_eq!(
+        events[0][2],
+        (3, 2, b"brain.Event:2".to_vec()),
+        "file_version first"
+    );
+    let scalar = |e: &Vec<(u64, u64, Vec<u8>)>| {
+        let step = u64::from_le_bytes(e[1].2.clone().try_into().unwrap());
+        let summary = fields(&e[2].2);
+        let value = fields(&summary[0].2);
+        let tag = String::from_utf8(value[0].2.clone()).unwrap();
+        let v = f32::from_le_bytes(value[1].2.clone().try_into().unwrap());
+        (step, tag, v)
+    };
+    assert_eq!(scalar(&events[1]), (7, "train/loss".to_string(), 0.25));
+    assert_eq!(scalar(&events[2]), (300, "eval/top1".to_string(), 0.875));
+    std::fs::remove_dir_all(dir).unwrap();
+}
