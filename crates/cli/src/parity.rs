@@ -272,7 +272,7 @@ pub fn run(
         let labels = labels.to_dtype(DType::I64)?;
         let loss_fn = |logits: &Tensor| candle_nn::loss::cross_entropy(logits, &labels);
         let masks = vec![None; config.model.num_branches()];
-        let g = train_gradients(&model, &x, &masks, &loss_fn, &rt, Phase::Deq)?;
+        let g = train_gradients(&model, &x, &masks, &loss_fn, &rt, Phase::Deq, None)?;
         for (i, t) in g.injection.iter().enumerate() {
             check(&mut rows, &format!("train.injection.{i}"), t)?;
         }

@@ -124,7 +124,7 @@ fn graph_held_for_the_backward_does_not_grow_with_solver_steps() {
         deq.f_thres = steps;
         deq.eps = 1e-12;
         let rt = DeqRuntime::from_config(&deq).unwrap();
-        let g = train_gradients(&model, &x, &masks, &loss, &rt, Phase::Deq).unwrap();
+        let g = train_gradients(&model, &x, &masks, &loss, &rt, Phase::Deq, None).unwrap();
         assert_eq!(g.forward_stats.unwrap().steps, steps);
         g.graph_size
     };

@@ -47,6 +47,34 @@ pub fn frobenius_sq_hutchinson(
     total.expect("at least one probe") / (samples.max(1) * b * d) as f64
 }
 
+/// Hutchinson estimate of ‖J‖²_F / (B·D) from Jacobian-vector products taken by central finite
+/// differences, Jε ≈ (f(z + hε) − f(z − hε)) / 2h, using E‖Jε‖² = ‖J‖²_F. It needs only
+/// first-order gradients, so it trains the parameters of `f` by ordinary backprop through the
+/// two evaluations (candle has no double backward for the official vector-Jacobian form). The
+/// finite difference is exact for maps linear in z and has an O(h²) bias otherwise.
+pub fn frobenius_sq_finite_difference(
+    f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    z: &Tensor,
+    samples: usize,
+    h: f64,
+    rng: &mut impl Rng,
+) -> Result<Tensor> {
+    let (b, d) = z.dims2()?;
+    let z = z.detach();
+    let mut total: Option<Tensor> = None;
+    for _ in 0..samples.max(1) {
+        let eps: Vec<f64> = (0..b * d).map(|_| gaussian(rng)).collect();
+        let eps = (Tensor::from_vec(eps, (b, d), z.device())?.to_dtype(z.dtype())? * h)?;
+        let jv = ((f(&(&z + &eps)?)? - f(&(&z - &eps)?)?)? / (2.0 * h))?;
+        let term = jv.sqr()?.sum_all()?;
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term)?,
+        });
+    }
+    total.expect("at least one probe") / (samples.max(1) * b * d) as f64
+}
+
 fn gaussian(rng: &mut impl Rng) -> f64 {
     let u1: f64 = 1.0 - rng.gen::<f64>();
     let u2: f64 = rng.gen::<f64>();

@@ -5,9 +5,11 @@ use crate::cell::MultiscaleCell;
 use crate::config::DeqConfig;
 use crate::mdeq::Mdeq;
 use crate::state::StateLayout;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+use mdeq_deq::jacobian::frobenius_sq_finite_difference;
 use mdeq_deq::solver::solve_with_fallback;
 use mdeq_deq::{adjoint, BackwardMode, GraphVjp, SolverKind, SolverOptions, SolverStats};
+use rand::SeedableRng;
 
 /// Solver settings resolved from a [`DeqConfig`].
 #[derive(Debug, Clone)]
@@ -142,6 +144,8 @@ pub struct TrainGradients {
     /// Tensors in the recorded graph of the training output (memory proxy: independent of the
     /// number of solver steps).
     pub graph_size: usize,
+    /// ‖J‖²_F/(B·D) estimate when a Jacobian penalty was applied.
+    pub jacobian_penalty: Option<f64>,
 }
 
 /// Which phase a training step is in (spec §4.1).
@@ -153,7 +157,24 @@ pub enum Phase {
     Deq,
 }
 
-/// Computes the loss and every parameter gradient for one batch (BatchNorm in train mode).
+/// Jacobian regularisation of one training step (spec §4.5): `factor`·‖J‖²_F/(B·D) at the
+/// equilibrium (or the last unrolled state) joins the loss, estimated with `probes` Gaussian
+/// probes by finite-difference Jacobian-vector products of step `step_size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JacobianPenalty {
+    /// Weight of the penalty in the loss.
+    pub factor: f64,
+    /// Gaussian probes (the official code uses 2).
+    pub probes: usize,
+    /// Finite-difference step along each probe.
+    pub step_size: f64,
+    /// Seed of the probes.
+    pub seed: u64,
+}
+
+/// Computes the loss and every parameter gradient for one batch (BatchNorm in train mode), with
+/// an optional Jacobian penalty whose gradient joins the parameters' (its value is in
+/// [`TrainGradients::jacobian_penalty`]).
 pub fn train_gradients(
     model: &Mdeq,
     image: &Tensor,
@@ -161,6 +182,7 @@ pub fn train_gradients(
     loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
     rt: &DeqRuntime,
     phase: Phase,
+    penalty: Option<JacobianPenalty>,
 ) -> Result<TrainGradients> {
     let (_, _, h, w) = image.dims4()?;
     let layout = model.layout(h, w);
@@ -182,6 +204,20 @@ pub fn train_gradients(
     };
     let mut grads: Vec<(String, Option<Tensor>)> =
         store.parameters().map(|e| (e.name.clone(), None)).collect();
+    // The penalty at a detached state z, through f with live parameters and injection.
+    let mut jacobian_penalty = None;
+    let mut add_penalty = |z: &Tensor, grads: &mut Vec<(String, Option<Tensor>)>| -> Result<()> {
+        let Some(p) = penalty.filter(|p| p.factor > 0.0) else {
+            return Ok(());
+        };
+        let mut f = |z: &Tensor| -> Result<Tensor> {
+            layout.flatten(&cell.forward(&layout.unflatten(z)?, &injection, masks)?)
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
+        let jac = frobenius_sq_finite_difference(&mut f, z, p.probes, p.step_size, &mut rng)?;
+        jacobian_penalty = Some(jac.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        collect(&(jac * p.factor)?.backward()?, grads)
+    };
 
     if let Phase::Unrolled(layers) = phase {
         let b = image.dim(0)?;
@@ -197,7 +233,9 @@ pub fn train_gradients(
         let loss = loss_fn(&logits)?;
         let g = loss.backward()?;
         collect(&g, &mut grads)?;
+        add_penalty(&layout.flatten(&z)?.detach(), &mut grads)?;
         return Ok(TrainGradients {
+            jacobian_penalty,
             grads,
             loss,
             logits,
@@ -247,7 +285,9 @@ pub fn train_gradients(
 
     let cell_grads = (&out * y.detach())?.sum_all()?.backward()?;
     collect(&cell_grads, &mut grads)?;
+    add_penalty(&zstar, &mut grads)?;
     Ok(TrainGradients {
+        jacobian_penalty,
         grads,
         loss,
         logits,

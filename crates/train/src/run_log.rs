@@ -32,6 +32,8 @@ pub struct StepRecord {
     pub backward_steps: Option<usize>,
     /// Backward solver: worst lowest residual over the batch.
     pub backward_residual: Option<f64>,
+    /// ‖J‖²_F/(B·D) when the Jacobian loss was applied this step.
+    pub jacobian_penalty: Option<f64>,
     /// Forward relative residual per solver step, averaged over the batch.
     pub forward_trace: Vec<f64>,
     /// Backward relative residual per solver step, averaged over the batch.
@@ -120,6 +122,7 @@ impl RunLog {
                 ("solver/forward_residual", r.forward_residual),
                 ("solver/backward_steps", r.backward_steps.map(|n| n as f64)),
                 ("solver/backward_residual", r.backward_residual),
+                ("train/jacobian_penalty", r.jacobian_penalty),
             ],
         )
     }

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use mdeq_checkpoint::format::{write_atomic, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
 use mdeq_data::Split;
 use mdeq_model::config::LrSchedule;
-use mdeq_model::equilibrium::{train_gradients, DeqRuntime, Phase};
+use mdeq_model::equilibrium::{train_gradients, DeqRuntime, JacobianPenalty, Phase};
 use mdeq_model::{ExperimentConfig, Mdeq, Task};
 use rand::SeedableRng;
 use serde_json::json;
@@ -113,6 +113,36 @@ fn load_checkpoint(path: &Path, model: &Mdeq, opt: &mut Optimizer) -> Result<(us
     ))
 }
 
+/// The official Jacobian-loss schedule (spec §4.5): the pretraining weight while pretraining,
+/// then JAC_LOSS_WEIGHT + 0.1 per JAC_INCREMENTAL steps until JAC_STOP_EPOCH, applied on a
+/// random JAC_LOSS_FREQ fraction of steps (drawn from the seed and the step, so resuming
+/// reproduces it).
+pub fn jacobian_penalty(
+    cfg: &ExperimentConfig,
+    step: usize,
+    epoch: usize,
+    seed: u64,
+) -> Option<JacobianPenalty> {
+    let t = &cfg.train;
+    let pretrain = cfg.deq.pretrain_steps;
+    let factor = if step < pretrain {
+        t.pretrain_jac_loss_weight
+    } else if epoch as u64 >= t.jac_stop_epoch {
+        0.0
+    } else {
+        t.jac_loss_weight + 0.1 * ((step - pretrain) as u64 / t.jac_incremental.max(1)) as f64
+    };
+    let draw_seed = seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(draw_seed);
+    let draw: f64 = rand::Rng::gen(&mut rng);
+    (factor > 0.0 && draw < t.jac_loss_freq).then_some(JacobianPenalty {
+        factor,
+        probes: 2,
+        step_size: t.jac_fd_step,
+        seed: draw_seed.rotate_left(17),
+    })
+}
+
 /// Trains `cfg` as `opts` says.
 pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     std::fs::create_dir_all(&opts.out)
@@ -182,7 +212,8 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
                 Task::Classification => classification_loss(logits, &labels),
                 Task::Segmentation => segmentation_loss(logits, &labels, class_weights.as_ref()),
             };
-            let g = train_gradients(&model, &batch.images, &masks, &loss_fn, &rt, phase)?;
+            let penalty = jacobian_penalty(cfg, step, epoch, opts.seed);
+            let g = train_gradients(&model, &batch.images, &masks, &loss_fn, &rt, phase, penalty)?;
             let loss = g.loss.to_scalar::<f32>()? as f64;
             if !loss.is_finite() {
                 bail!("step {step}: the loss is {loss}; stopping before it reaches the weights (last checkpoint: {})", last_path.display());
@@ -215,6 +246,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
                     forward_residual: f.map(|s| s.worst_lowest()),
                     backward_steps: b.map(|s| s.steps),
                     backward_residual: b.map(|s| s.worst_lowest()),
+                    jacobian_penalty: g.jacobian_penalty,
                     forward_trace: f.map(|s| s.mean_rel_trace()).unwrap_or_default(),
                     backward_trace: b.map(|s| s.mean_rel_trace()).unwrap_or_default(),
                     images_per_s: images_seen as f64 / started.elapsed().as_secs_f64(),

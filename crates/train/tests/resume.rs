@@ -3,6 +3,7 @@
 
 use mdeq_data::Split;
 use mdeq_model::ExperimentConfig;
+use mdeq_train::trainer::jacobian_penalty;
 use mdeq_train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
 
@@ -152,4 +153,49 @@ fn missing_data_is_an_error_naming_the_path() {
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("/nonexistent/mdeq"), "{err:#}");
+}
+
+#[test]
+fn jacobian_loss_follows_the_official_schedule_and_is_logged() {
+    let mut cfg = config();
+    cfg.train.pretrain_jac_loss_weight = 0.2;
+    cfg.train.jac_loss_weight = 0.5;
+    cfg.train.jac_incremental = 2;
+    cfg.train.jac_stop_epoch = 1;
+    cfg.train.jac_loss_freq = 1.0;
+    // pretrain_steps = 3: weight 0.2 while pretraining, then 0.5 + 0.1 per 2 steps, 0 from epoch 1.
+    let factor = |step, epoch| jacobian_penalty(&cfg, step, epoch, 9).map(|p| p.factor);
+    assert_eq!(factor(0, 0), Some(0.2));
+    assert_eq!(factor(3, 0), Some(0.5));
+    assert!((factor(7, 0).unwrap() - 0.7).abs() < 1e-12);
+    assert_eq!(factor(7, 1), None);
+    let mut rare = cfg.clone();
+    rare.train.jac_loss_freq = 0.25;
+    let hits = (0..2000)
+        .filter(|&s| jacobian_penalty(&rare, s, 0, 9).is_some())
+        .count();
+    assert!(
+        (400..600).contains(&hits),
+        "{hits} of 2000 steps at frequency 0.25"
+    );
+
+    let root = std::env::temp_dir().join(format!("mdeq-jac-{}", std::process::id()));
+    let data = root.join("data");
+    dataset(&data);
+    train(&cfg, &opts(&data, root.join("run"), 5, false)).unwrap();
+    let log = std::fs::read_to_string(root.join("run/metrics.jsonl")).unwrap();
+    let penalties: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"step\""))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["jacobian_penalty"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(penalties.len(), 5, "both phases carry the penalty");
+    assert!(
+        penalties.iter().all(|p| p.is_finite() && *p > 0.0),
+        "{penalties:?}"
+    );
+    std::fs::remove_dir_all(root).unwrap();
 }

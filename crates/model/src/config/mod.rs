@@ -381,6 +381,14 @@ pub struct TrainConfig {
     /// Epoch after which the Jacobian loss is off.
     #[serde(default = "default_jac_big")]
     pub jac_stop_epoch: u64,
+    /// Finite-difference step of the Jacobian-vector products of the Jacobian loss (ours: the
+    /// official estimator needs double backward).
+    #[serde(default = "default_jac_fd_step")]
+    pub jac_fd_step: f64,
+}
+
+fn default_jac_fd_step() -> f64 {
+    1e-3
 }
 
 fn default_jac_big() -> u64 {

@@ -263,6 +263,7 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
         pretrain_jac_loss_weight: y.f64_or("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0.0)?,
         jac_incremental: y.f64_or("LOSS.JAC_INCREMENTAL", 1e8)? as u64,
         jac_stop_epoch: y.f64_or("LOSS.JAC_STOP_EPOCH", 1e8)? as u64,
+        jac_fd_step: 1e-3,
     };
     let data = DataConfig {
         dataset,
