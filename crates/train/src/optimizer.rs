@@ -52,10 +52,14 @@ impl Optimizer {
         let t = self.steps as i32;
         for ((p, g), slot) in params.iter().zip(grads).zip(&mut self.slots) {
             let Some(g) = g else { continue };
+            // Gradients from candle's backward can carry a recorded graph (products with
+            // parameters); a moment built from them would chain every step's graph to the next,
+            // so the optimizer works on detached values only.
+            let (g, param) = (g.detach(), p.as_tensor().detach());
             let g = if self.weight_decay != 0.0 {
-                (g + (p.as_tensor() * self.weight_decay)?)?
+                (g + (&param * self.weight_decay)?)?
             } else {
-                g.clone()
+                g
             };
             match self.kind {
                 OptimizerKind::Adam => {
@@ -71,7 +75,7 @@ impl Optimizer {
                     let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
                     let denom = ((v.sqrt()? / bc2.sqrt())? + eps)?;
                     let update = ((&m / denom)? * (lr / bc1))?;
-                    p.set(&(p.as_tensor() - update)?)?;
+                    p.set(&(&param - update)?)?;
                     slot.first = Some(m);
                     slot.second = Some(v);
                 }
@@ -91,7 +95,7 @@ impl Optimizer {
                     } else {
                         g
                     };
-                    p.set(&(p.as_tensor() - (d * lr)?)?)?;
+                    p.set(&(&param - (d * lr)?)?)?;
                 }
             }
         }
@@ -119,6 +123,36 @@ impl Optimizer {
         for (i, s) in self.slots.iter_mut().enumerate() {
             s.first = tensors.get(&format!("optim.first.{i}")).cloned();
             s.second = tensors.get(&format!("optim.second.{i}")).cloned();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Optimizer;
+    use candle_core::{Device, Tensor, Var};
+    use mdeq_model::config::{OptimizerKind, TrainConfig};
+
+    #[test]
+    fn optimizer_state_holds_no_recorded_graph() {
+        let p = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let text = format!(
+                "optimizer = \"{}\"\nlr = 0.1\nweight_decay = 0.01\nmomentum = 0.9\nepochs = 1\nbatch_size = 1\n",
+                if kind == OptimizerKind::Adam { "adam" } else { "sgd" }
+            );
+            let cfg: TrainConfig = toml::from_str(&text).unwrap();
+            let mut opt = Optimizer::new(&cfg, 1);
+            for _ in 0..3 {
+                // A gradient that, like candle's, is itself a product with the parameter.
+                let g = (p.as_tensor() * 2.0).unwrap();
+                assert!(g.track_op());
+                opt.step(std::slice::from_ref(&p), &[Some(g)], 0.1).unwrap();
+            }
+            for (name, t) in opt.state() {
+                assert!(!t.track_op(), "{kind:?} {name} keeps a graph");
+            }
+            assert!(!Tensor::new(&[0f32], &Device::Cpu).unwrap().track_op());
         }
     }
 }
