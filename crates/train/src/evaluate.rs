@@ -125,7 +125,8 @@ pub fn evaluate(
     })
 }
 
-/// Mean score over a batch for the progress line: top-1 of classes, pixel accuracy of maps.
+/// Score of a batch for the progress line: top-1 for classes, mIoU over the classes present for
+/// label maps.
 pub fn batch_score(task: Task, logits: &Tensor, labels: &Tensor) -> Result<f64> {
     Ok(match task {
         Task::Classification => correct(logits, labels)?.0 as f64 / labels.dim(0)? as f64,
@@ -133,7 +134,7 @@ pub fn batch_score(task: Task, logits: &Tensor, labels: &Tensor) -> Result<f64> 
             let (_, h, w) = labels.dims3()?;
             let mut m = ConfusionMatrix::new(logits.dim(1)?);
             m.add(labels, &predict_pixels(logits, h, w)?)?;
-            m.pixel_accuracy()
+            m.mean_iou_present()
         }
     })
 }

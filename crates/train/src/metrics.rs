@@ -78,6 +78,20 @@ impl ConfusionMatrix {
         iou.iter().sum::<f64>() / iou.len().max(1) as f64
     }
 
+    /// Mean IoU over the classes that occur in the labels or the predictions (a batch's mIoU:
+    /// classes absent from both say nothing about it).
+    pub fn mean_iou_present(&self) -> f64 {
+        let k = self.classes;
+        let present: Vec<f64> = self
+            .iou()
+            .into_iter()
+            .enumerate()
+            .filter(|&(c, _)| (0..k).any(|o| self.counts[c * k + o] + self.counts[o * k + c] > 0))
+            .map(|(_, v)| v)
+            .collect();
+        present.iter().sum::<f64>() / present.len().max(1) as f64
+    }
+
     /// Fraction of counted pixels predicted right.
     pub fn pixel_accuracy(&self) -> f64 {
         let k = self.classes;

@@ -162,11 +162,7 @@ pub fn training_plots(dir: &Path) -> Result<()> {
         "optimizer step",
         "fraction",
         &[
-            series_of(
-                &steps,
-                "training batch (top-1 / pixel accuracy)",
-                "batch_score",
-            ),
+            series_of(&steps, "training batch (top-1 / mIoU)", "batch_score"),
             series_of(&evals, &format!("validation {eval_key}"), eval_key),
         ],
     )?;

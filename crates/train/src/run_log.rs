@@ -18,7 +18,7 @@ pub struct StepRecord {
     pub epoch: usize,
     /// Training loss.
     pub loss: f64,
-    /// Batch top-1 (classification) or pixel accuracy (segmentation).
+    /// Batch top-1 (classification) or mIoU over the classes present (segmentation).
     pub batch_score: f64,
     /// Learning rate used.
     pub lr: f64,

@@ -189,7 +189,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     );
     let score_name = match task {
         Task::Classification => "acc",
-        Task::Segmentation => "pixel acc",
+        Task::Segmentation => "mIoU",
     };
     while step < stop {
         let epoch = step / per_epoch;

@@ -56,6 +56,13 @@ fn confusion_matrix_iou_by_hand() {
     assert_eq!(iou[2], 0.0);
     assert!((m.mean_iou() - 1.0 / 3.0).abs() < 1e-12);
     assert!((m.pixel_accuracy() - 3.0 / 5.0).abs() < 1e-12);
+    // All three classes occur (class 2 in the truth): the batch mIoU is the plain mean here…
+    assert!((m.mean_iou_present() - 1.0 / 3.0).abs() < 1e-12);
+    // …and a class that never occurs is left out of it.
+    let mut wide = ConfusionMatrix::new(5);
+    wide.add(&truth, &pred).unwrap();
+    assert!((wide.mean_iou_present() - 1.0 / 3.0).abs() < 1e-12);
+    assert!((wide.mean_iou() - 1.0 / 5.0).abs() < 1e-12);
     let bad = Tensor::new(&[7i64], &dev).unwrap();
     assert!(m.add(&bad, &Tensor::new(&[0u32], &dev).unwrap()).is_err());
 }
