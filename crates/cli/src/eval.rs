@@ -38,7 +38,7 @@ pub struct EvalPoint {
 }
 
 /// Runs the evaluation; returns one point per threshold and the class names.
-pub fn run(req: &EvalRequest) -> Result<(Vec<EvalPoint>, Option<Vec<String>>)> {
+pub fn run(req: &EvalRequest) -> Result<(Vec<EvalPoint>, Vec<String>)> {
     let (cfg, model) = format::load(&req.checkpoint, DType::F32, &Device::Cpu)?;
     let data = req
         .data
@@ -59,11 +59,11 @@ pub fn run(req: &EvalRequest) -> Result<(Vec<EvalPoint>, Option<Vec<String>>)> {
         let result = evaluate(&model, &loader, EvalMode::Deq(&rt), req.limit)?;
         points.push(EvalPoint { f_thres: t, result });
     }
-    Ok((points, test.kind.class_names()))
+    Ok((points, test.kind.class_names(cfg.model.num_classes)))
 }
 
 /// The human-readable report: one line per threshold, then the per-class IoU table of the last.
-pub fn report(points: &[EvalPoint], class_names: Option<&[String]>) -> String {
+pub fn report(points: &[EvalPoint], class_names: &[String]) -> String {
     let mut out = String::new();
     for p in points {
         out += &format!(
@@ -75,10 +75,7 @@ pub fn report(points: &[EvalPoint], class_names: Option<&[String]>) -> String {
     }
     if let Some(iou) = points.last().and_then(|p| p.result.class_iou.as_ref()) {
         out += "class                  IoU\n";
-        for (c, v) in iou.iter().enumerate() {
-            let name = class_names
-                .and_then(|n| n.get(c).cloned())
-                .unwrap_or_else(|| c.to_string());
+        for (name, v) in class_names.iter().zip(iou) {
             out += &format!("{name:<20} {:>6.2}%\n", 100.0 * v);
         }
     }

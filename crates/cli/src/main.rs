@@ -381,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", mdeq::eval::json_report(&points));
             } else {
-                print!("{}", mdeq::eval::report(&points, names.as_deref()));
+                print!("{}", mdeq::eval::report(&points, &names));
             }
         }
         Command::Predict {

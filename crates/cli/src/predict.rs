@@ -38,7 +38,7 @@ pub fn run(
 ) -> Result<Vec<Prediction>> {
     let (cfg, model) = format::load(checkpoint, DType::F32, &Device::Cpu)?;
     let kind = DatasetKind::parse(&cfg.data.dataset)?;
-    let names = kind.class_names();
+    let names = kind.class_names(cfg.model.num_classes);
     let rt = DeqRuntime::from_config(&cfg.deq)?;
     let norm = kind.normalization();
     let [h, w] = cfg.model.image_size;
@@ -58,7 +58,7 @@ pub fn run(
             (_, t) => t,
         };
         let sample = Sample {
-            image: raw.clone(),
+            image: raw,
             target: Target::Class(0),
         };
         let mut rng = rand::rngs::mock::StepRng::new(0, 0);
@@ -89,13 +89,7 @@ pub fn run(
                 pred.top = order
                     .into_iter()
                     .take(top_k)
-                    .map(|c| {
-                        let name = names
-                            .as_ref()
-                            .and_then(|n| n.get(c).cloned())
-                            .unwrap_or_else(|| c.to_string());
-                        (c, name, p[c] as f64)
-                    })
+                    .map(|c| (c, names[c].clone(), p[c] as f64))
                     .collect();
             }
             Task::Segmentation => {

@@ -108,11 +108,11 @@ impl DatasetKind {
         }
     }
 
-    /// Class names by label, where the dataset defines them.
-    pub fn class_names(self) -> Option<Vec<String>> {
+    /// The name of each of `classes` labels: the dataset's names, or the label index itself
+    /// where it defines none (MNIST, CIFAR-100, ImageNet).
+    pub fn class_names(self, classes: usize) -> Vec<String> {
         let names: &[&str] = match self {
             Self::FashionMnist => &idx::FASHION_MNIST_CLASSES,
-            Self::Mnist => &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
             Self::Cifar10 => &[
                 "airplane",
                 "automobile",
@@ -126,10 +126,16 @@ impl DatasetKind {
                 "truck",
             ],
             Self::Cityscapes => &cityscapes::CLASS_NAMES,
-            Self::FashionScenes => return Some(fashion_scenes::class_names()),
-            Self::Cifar100 | Self::ImageNet => return None,
+            Self::FashionScenes => return fashion_scenes::class_names(),
+            Self::Mnist | Self::Cifar100 | Self::ImageNet => &[],
         };
-        Some(names.iter().map(|s| s.to_string()).collect())
+        (0..classes)
+            .map(|c| {
+                names
+                    .get(c)
+                    .map_or_else(|| c.to_string(), |n| n.to_string())
+            })
+            .collect()
     }
 
     /// Per-class loss weights (Cityscapes' official ones), if the recipe has any.

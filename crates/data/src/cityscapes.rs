@@ -2,7 +2,7 @@
 //! `gtFine/<split>/<city>/<stem>_gtFine_labelIds.png`; labelIds map to the 19 train ids, every
 //! other id to the ignore label (spec §5.3).
 
-use crate::image_folder::decode_rgb;
+use crate::image_folder::{decode_rgb, sorted_entries};
 use crate::{DataError, Dataset, Image, Sample, Split, Target, IGNORE_LABEL};
 use std::path::{Path, PathBuf};
 
@@ -101,23 +101,15 @@ impl Cityscapes {
             Split::Test => "val",
         };
         let image_root = root.join("leftImg8bit").join(split_name);
-        let mut cities: Vec<PathBuf> = std::fs::read_dir(&image_root)
-            .map_err(|e| DataError::io(image_root.display(), e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        cities.sort();
+        let cities = sorted_entries(&image_root)?
+            .into_iter()
+            .filter(|p| p.is_dir());
         let mut pairs = Vec::new();
         for city in cities {
-            let mut images: Vec<PathBuf> = std::fs::read_dir(&city)
-                .map_err(|e| DataError::io(city.display(), e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().ends_with("_leftImg8bit.png"))
-                })
-                .collect();
-            images.sort();
+            let images = sorted_entries(&city)?.into_iter().filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with("_leftImg8bit.png"))
+            });
             let city_name = city.file_name().expect("read_dir entries have names");
             for image in images {
                 let name = image

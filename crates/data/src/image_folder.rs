@@ -17,7 +17,8 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpeg" | "jpg" | "png"))
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+/// The entries of `dir` in sorted order, naming the directory on failure.
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir.display(), e))?;
     let mut out = Vec::new();
     for entry in rd {

@@ -101,11 +101,7 @@ impl Transform {
                 let both = |img: &Image, fill: u8| {
                     let padded = pad_to(img, h + 2 * pad, w + 2 * pad, pad, pad, fill);
                     let c = crop(&padded, top, left, h, w);
-                    if flip {
-                        flip_horizontal(&c)
-                    } else {
-                        c
-                    }
+                    flipped_if(flip, c)
                 };
                 map_pair(&image, target, both)
             }
@@ -115,11 +111,7 @@ impl Transform {
                 let f = |img: &Image, fill: u8| {
                     let filter = filter_for(fill);
                     let c = resize(&crop(img, top, left, ch, cw), size, size, filter);
-                    if flip {
-                        flip_horizontal(&c)
-                    } else {
-                        c
-                    }
+                    flipped_if(flip, c)
                 };
                 map_pair(&image, target, f)
             }
@@ -158,11 +150,7 @@ impl Transform {
                 let f = |img: &Image, fill: u8| {
                     let r = resize(img, nh.max(1), nw.max(1), filter_for(fill));
                     let c = crop(&pad_to(&r, ph, pw, 0, 0, fill), top, left, ch, cw);
-                    if flip {
-                        flip_horizontal(&c)
-                    } else {
-                        c
-                    }
+                    flipped_if(flip, c)
                 };
                 map_pair(&image, target, f)
             }
@@ -253,6 +241,15 @@ pub fn pad_to(
         out.pixels[dst..dst + n].copy_from_slice(&img.pixels[src..src + n]);
     }
     out
+}
+
+/// `img` mirrored when `flip`, as it is otherwise.
+fn flipped_if(flip: bool, img: Image) -> Image {
+    if flip {
+        flip_horizontal(&img)
+    } else {
+        img
+    }
 }
 
 /// Mirror image left ↔ right.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{idx_bytes, scratch, write};
+use common::scratch;
 use mdeq_data::cifar::CifarDataset;
 use mdeq_data::cityscapes::{self, Cityscapes};
 use mdeq_data::fashion_scenes::{FashionScenes, RIM};
@@ -203,19 +203,8 @@ fn fashion_scenes_label_every_pixel_by_its_item() {
         }
     }
     let labels: Vec<u8> = (0..n as u8).map(|i| (i * 3) % 10).collect();
-    for prefix in ["train", "t10k"] {
-        write(
-            &dir,
-            &format!("{prefix}-images-idx3-ubyte"),
-            &idx_bytes(&[n as u32, 28, 28], &pixels),
-            false,
-        );
-        write(
-            &dir,
-            &format!("{prefix}-labels-idx1-ubyte"),
-            &idx_bytes(&[n as u32], &labels),
-            false,
-        );
+    for split in [Split::Train, Split::Test] {
+        mdeq_data::idx::write_split(&dir, split, (28, 28), &pixels, &labels).unwrap();
     }
     let ds = FashionScenes::open(&dir, Split::Train, 48).unwrap();
     assert_eq!((ds.len(), ds.num_classes(), ds.channels()), (6, 11, 1));

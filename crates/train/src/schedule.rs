@@ -11,18 +11,6 @@ pub fn cosine(lr0: f64, step: usize, total: usize) -> f64 {
     eta_min + (lr0 - eta_min) * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
 }
 
-#[cfg(test)]
-mod tests {
-    use super::cosine;
-
-    #[test]
-    fn cosine_starts_at_lr_and_ends_at_eta_min() {
-        assert_eq!(cosine(1e-3, 0, 100), 1e-3);
-        assert!((cosine(1e-3, 100, 100) - 1e-6).abs() < 1e-15);
-        assert!((cosine(1e-3, 50, 100) - (1e-6 + (1e-3 - 1e-6) / 2.0)).abs() < 1e-15);
-    }
-}
-
 /// Polynomial decay lr0·(1 − step/total)^0.9, the schedule the released Cityscapes models were
 /// trained with (spec §5.4).
 pub fn poly(lr0: f64, step: usize, total: usize) -> f64 {
@@ -33,8 +21,15 @@ pub fn poly(lr0: f64, step: usize, total: usize) -> f64 {
 }
 
 #[cfg(test)]
-mod poly_tests {
-    use super::poly;
+mod tests {
+    use super::{cosine, poly};
+
+    #[test]
+    fn cosine_starts_at_lr_and_ends_at_eta_min() {
+        assert_eq!(cosine(1e-3, 0, 100), 1e-3);
+        assert!((cosine(1e-3, 100, 100) - 1e-6).abs() < 1e-15);
+        assert!((cosine(1e-3, 50, 100) - (1e-6 + (1e-3 - 1e-6) / 2.0)).abs() < 1e-15);
+    }
 
     #[test]
     fn poly_decays_from_lr_to_zero() {

@@ -191,6 +191,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
         Task::Classification => "acc",
         Task::Segmentation => "mIoU",
     };
+    let test_loader = test_set.loader(cfg, batch_size, 0, 0);
     while step < stop {
         let epoch = step / per_epoch;
         let loader = train_set.loader(cfg, batch_size, opts.seed, epoch as u64);
@@ -207,10 +208,10 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
             } else {
                 Phase::Deq
             };
-            let labels = batch.labels.clone();
+            let labels = &batch.labels;
             let loss_fn = |logits: &Tensor| match task {
-                Task::Classification => classification_loss(logits, &labels),
-                Task::Segmentation => segmentation_loss(logits, &labels, class_weights.as_ref()),
+                Task::Classification => classification_loss(logits, labels),
+                Task::Segmentation => segmentation_loss(logits, labels, class_weights.as_ref()),
             };
             let penalty = jacobian_penalty(cfg, step, epoch, opts.seed);
             let g = train_gradients(&model, &batch.images, &masks, &loss_fn, &rt, phase, penalty)?;
@@ -268,7 +269,6 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
                 } else {
                     EvalMode::Deq(&rt)
                 };
-                let test_loader = test_set.loader(cfg, batch_size, 0, 0);
                 let result = evaluate(&model, &test_loader, mode, opts.eval_limit)?;
                 log.eval(step, epoch, &result)?;
                 eprintln!("eval after step {step}: {}", result.summary());
