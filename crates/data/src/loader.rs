@@ -86,14 +86,14 @@ impl BatchLoader {
                     mix(self.seed, self.epoch),
                     j as u64 + 1,
                 ));
-                let at = |e: DataError| match e {
-                    DataError::Format { path, message } if path == "<sample>" => {
+                let s = self.dataset.get(j)?;
+                // A transform knows no file: its errors are about sample j.
+                let s = self.transform.apply(s, &mut rng).map_err(|e| match e {
+                    DataError::Format { message, .. } => {
                         DataError::format(self.dataset.describe(j), message)
                     }
                     e => e,
-                };
-                let s = self.dataset.get(j).map_err(at)?;
-                let s = self.transform.apply(s, &mut rng).map_err(at)?;
+                })?;
                 Ok((j, s))
             })
             .collect::<Result<_, DataError>>()?;
