@@ -4,7 +4,7 @@
 use crate::element::Element;
 use crate::gemm_ops::{matmul, Op};
 use crate::im2col::{col2im, im2col, Geometry};
-use crate::parallel::{for_each_chunk, uninit_vec, with_best_isa, Shared};
+use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
@@ -106,7 +106,7 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
         let src = if g.is_pointwise() {
             xs
         } else {
-            with_best_isa(|| im2col(xs, &g, col));
+            im2col(xs, &g, col);
             col.as_slice()
         };
         matmul(out, w, Op::N, src, Op::N, (c_out, cols, rows), false, par);
@@ -144,7 +144,7 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry
         } else {
             matmul(col, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
             out.fill(T::ZERO);
-            with_best_isa(|| col2im(col, &g, out));
+            col2im(col, &g, out);
         }
     });
     dx
@@ -161,7 +161,7 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
         let src = if g.is_pointwise() {
             xs
         } else {
-            with_best_isa(|| im2col(xs, &g, col));
+            im2col(xs, &g, col);
             col.as_slice()
         };
         matmul(acc, dys, Op::N, src, Op::T, (c_out, rows, cols), true, par);

@@ -7,10 +7,11 @@
 //! track float64 ones closely (candle reduces float32 sequentially).
 
 use crate::element::Element;
-use crate::parallel::{for_each_chunk, uninit_vec, with_best_isa, Shared};
+use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
+use multiversion::multiversion;
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance; `affine` is (γ, β) of shape (C).
 pub fn group_norm(
@@ -67,12 +68,51 @@ struct GroupNormOp {
     eps: f64,
 }
 
+/// Independent partial sums per reduction, so that the loops below vectorise (a single running
+/// float sum is a serial dependency chain the compiler may not reorder).
+const LANES: usize = 8;
+
+/// Σ f(x) in f64 over `x`, in [`LANES`] partial sums.
+#[inline(always)]
+fn sum_by<T: Element>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += f(v.to_f64());
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64())).sum::<f64>()
+}
+
+/// (Σ dy, Σ dy·x̂) in f64 with x̂ = (x − mean)·rstd, in [`LANES`] partial sums each.
+#[inline(always)]
+fn grad_sums<T: Element>(dy: &[T], x: &[T], mean: f64, rstd: f64) -> (f64, f64) {
+    let (mut s_dy, mut s_dyx) = ([0f64; LANES], [0f64; LANES]);
+    let (dc, xc) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
+    let tail = dc.remainder().iter().zip(xc.remainder());
+    for (d, v) in dc.zip(xc) {
+        for l in 0..LANES {
+            let d = d[l].to_f64();
+            s_dy[l] += d;
+            s_dyx[l] += d * (v[l].to_f64() - mean) * rstd;
+        }
+    }
+    let (mut a, mut b) = (s_dy.iter().sum::<f64>(), s_dyx.iter().sum::<f64>());
+    for (d, v) in tail {
+        a += d.to_f64();
+        b += d.to_f64() * (v.to_f64() - mean) * rstd;
+    }
+    (a, b)
+}
+
 /// (mean, 1/σ) of one group.
 #[inline(always)]
 fn stats<T: Element>(x: &[T], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    let mean = sum_by(x, |v| v) / n;
+    let var = sum_by(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -99,7 +139,7 @@ impl GroupNormOp {
                 let ys = unsafe { out.slice(bg * group_len, group_len) };
                 let xs = &x[bg * group_len..(bg + 1) * group_len];
                 let first_ch = (bg % self.groups) * cpg;
-                with_best_isa(|| forward_group(xs, ys, affine, first_ch, hw, self.eps));
+                forward_group(xs, ys, affine, first_ch, hw, self.eps);
             }
         });
         y
@@ -128,9 +168,7 @@ impl GroupNormOp {
                 let parts = unsafe { part_ptr.slice((sample * c + first_ch) * 2, cpg * 2) };
                 let span = bg * group_len..(bg + 1) * group_len;
                 let (xs, dys) = (&x[span.clone()], &dy[span]);
-                with_best_isa(|| {
-                    backward_group(xs, dys, dxs, parts, gamma, first_ch, hw, self.eps)
-                });
+                backward_group(xs, dys, dxs, parts, gamma, first_ch, hw, self.eps);
             }
         });
         let tail = &mut out[b * c * hw..];
@@ -147,7 +185,7 @@ impl GroupNormOp {
     }
 }
 
-#[inline(always)]
+#[multiversion(targets = "simd")]
 fn forward_group<T: Element>(
     xs: &[T],
     ys: &mut [T],
@@ -174,7 +212,7 @@ fn forward_group<T: Element>(
 
 /// dx of one group, and per channel (Σ dy·x̂, Σ dy) into `parts`.
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
+#[multiversion(targets = "simd")]
 fn backward_group<T: Element>(
     xs: &[T],
     dys: &[T],
@@ -190,12 +228,7 @@ fn backward_group<T: Element>(
     let (mut s1, mut s2) = (0f64, 0f64);
     for (k, (dc, xc)) in dys.chunks_exact(hw).zip(xs.chunks_exact(hw)).enumerate() {
         let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
-        let (mut sdy, mut sdyx) = (0f64, 0f64);
-        for (d, v) in dc.iter().zip(xc) {
-            let xhat = (v.to_f64() - mean) * rstd;
-            sdy += d.to_f64();
-            sdyx += d.to_f64() * xhat;
-        }
+        let (sdy, sdyx) = grad_sums(dc, xc, mean, rstd);
         parts[2 * k] = sdyx;
         parts[2 * k + 1] = sdy;
         s1 += sdy * gk;
@@ -203,16 +236,18 @@ fn backward_group<T: Element>(
     }
     let n = xs.len() as f64;
     let (m1, m2) = (s1 / n, s2 / n);
+    // dx = rstd·(dy·γ − m1 − x̂·m2), expanded to dy·a + x·c + e per channel.
+    let c = -rstd * rstd * m2;
     for (k, ((oc, dc), xc)) in dxs
         .chunks_exact_mut(hw)
         .zip(dys.chunks_exact(hw))
         .zip(xs.chunks_exact(hw))
         .enumerate()
     {
-        let gk = gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
+        let a = rstd * gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
+        let e = rstd * (mean * rstd * m2 - m1);
         for ((o, d), v) in oc.iter_mut().zip(dc).zip(xc) {
-            let xhat = (v.to_f64() - mean) * rstd;
-            *o = T::from_f64(rstd * (d.to_f64() * gk - m1 - xhat * m2));
+            *o = T::from_f64(d.to_f64() * a + v.to_f64() * c + e);
         }
     }
 }
@@ -245,13 +280,7 @@ impl CustomOp1 for GroupNormOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let grads = x.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &Backward {
-                op: *self,
-                affine: false,
-            },
-        )?;
+        let grads = x.apply_op2_no_bwd(&dy.contiguous()?, &Backward { op: *self })?;
         Ok(Some(
             grads.narrow(0, 0, x.elem_count())?.reshape(x.shape())?,
         ))
@@ -288,14 +317,7 @@ impl CustomOp3 for GroupNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = Tensor::cat(&[x.flatten_all()?, gamma.flatten_all()?], 0)?;
-        let grads = packed.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &Backward {
-                op: *self,
-                affine: true,
-            },
-        )?;
+        let grads = x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &Backward { op: *self })?;
         let (n, c) = (x.elem_count(), gamma.elem_count());
         let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
         let dgamma = grads.narrow(0, n, c)?.reshape(gamma.shape())?;
@@ -308,10 +330,29 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
-/// (x [‖ γ], dy) → dx ‖ dγ ‖ dβ, flat.
+/// (x, [γ,] dy) → dx ‖ dγ ‖ dβ, flat.
 struct Backward {
     op: GroupNormOp,
-    affine: bool,
+}
+
+impl Backward {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        gamma: Option<(&CpuStorage, &Layout)>,
+        dy: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.op.dims(dy.1)?;
+        let n = dy.1.shape().elem_count();
+        let out = for_float!(x.0, T => {
+            let gamma = match gamma {
+                Some((s, l)) => Some(T::slice(s, l)?),
+                None => None,
+            };
+            T::storage(self.op.backward(T::slice(x.0, x.1)?, gamma, T::slice(dy.0, dy.1)?, dims))
+        });
+        Ok((out, Shape::from(n + 2 * dims.1)))
+    }
 }
 
 impl candle_core::CustomOp2 for Backward {
@@ -326,13 +367,24 @@ impl candle_core::CustomOp2 for Backward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = self.op.dims(l2)?;
-        let n = l2.shape().elem_count();
-        let out = for_float!(s1, T => {
-            let all = T::slice(s1, l1)?;
-            let gamma = if self.affine { Some(&all[n..n + dims.1]) } else { None };
-            T::storage(self.op.backward(&all[..n], gamma, T::slice(s2, l2)?, dims))
-        });
-        Ok((out, Shape::from(n + 2 * dims.1)))
+        self.run((s1, l1), None, (s2, l2))
+    }
+}
+
+impl CustomOp3 for Backward {
+    fn name(&self) -> &'static str {
+        "mdeq-group-norm-affine-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), Some((s2, l2)), (s3, l3))
     }
 }

@@ -1,6 +1,7 @@
 //! Unfolding of convolution patches into columns and its adjoint.
 
 use crate::element::Element;
+use multiversion::multiversion;
 
 /// Geometry of one 2-D convolution on one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +57,7 @@ impl Geometry {
 }
 
 /// col[(c·k + ky)·k + kx, oy·W_out + ox] = x[c, oy·s − p + ky, ox·s − p + kx] (0 outside).
-#[inline(always)]
+#[multiversion(targets = "simd")]
 pub fn im2col<T: Element>(x: &[T], g: &Geometry, col: &mut [T]) {
     let (ho, wo, s, p) = (g.h_out(), g.w_out(), g.stride, g.padding);
     for c in 0..g.c_in {
@@ -89,7 +90,7 @@ pub fn im2col<T: Element>(x: &[T], g: &Geometry, col: &mut [T]) {
 
 /// The adjoint of [`im2col`]: dx[c, iy, ix] += Σ of the column entries that read it. `dx` must
 /// be zeroed by the caller.
-#[inline(always)]
+#[multiversion(targets = "simd")]
 pub fn col2im<T: Element>(col: &[T], g: &Geometry, dx: &mut [T]) {
     let (ho, wo, s, p) = (g.h_out(), g.w_out(), g.stride, g.padding);
     for c in 0..g.c_in {

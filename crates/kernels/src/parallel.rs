@@ -30,40 +30,6 @@ pub fn for_each_chunk(n: usize, f: impl Fn(Range<usize>) + Sync) {
     }
 }
 
-/// Runs `f` inside a function compiled for AVX-512 (or AVX2+FMA) when the CPU has it, so the
-/// loops inlined into it are vectorised for the machine the binary runs on, not for the
-/// baseline x86-64 it was built for.
-#[inline(always)]
-pub fn with_best_isa<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            // SAFETY: the features were detected at run time.
-            return unsafe { isa_avx512(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { isa_avx2(f) };
-        }
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn isa_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn isa_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
 /// A vector of `n` elements whose contents the caller overwrites entirely before reading.
 pub fn uninit_vec<T: crate::element::Element>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);

@@ -4,8 +4,9 @@
 //! ops costs four passes each way.
 
 use crate::element::Element;
-use crate::parallel::{for_each_chunk, uninit_vec, with_best_isa, Shared};
+use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 
 /// max(x, 0) with d/dx = 1 for x > 0 and 0 otherwise.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -28,25 +29,33 @@ fn map<T: Element>(n: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
             let start = blk * BLOCK;
             let len = BLOCK.min(n - start);
             // SAFETY: block blk owns out[start..start+len].
-            with_best_isa(|| f(start, unsafe { ptr.slice(start, len) }));
+            f(start, unsafe { ptr.slice(start, len) });
         }
     });
     out
 }
 
+#[multiversion(targets = "simd")]
+fn forward_block<T: Element>(x: &[T], out: &mut [T]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = if v.to_f64() > 0.0 { *v } else { T::ZERO };
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn backward_block<T: Element>(x: &[T], dy: &[T], out: &mut [T]) {
+    for ((o, v), d) in out.iter_mut().zip(x).zip(dy) {
+        *o = if v.to_f64() > 0.0 { *d } else { T::ZERO };
+    }
+}
+
 fn forward<T: Element>(x: &[T]) -> Vec<T> {
-    map(x.len(), |start, out| {
-        for (o, v) in out.iter_mut().zip(&x[start..]) {
-            *o = if v.to_f64() > 0.0 { *v } else { T::ZERO };
-        }
-    })
+    map(x.len(), |start, out| forward_block(&x[start..], out))
 }
 
 fn backward<T: Element>(x: &[T], dy: &[T]) -> Vec<T> {
     map(x.len(), |start, out| {
-        for ((o, v), d) in out.iter_mut().zip(&x[start..]).zip(&dy[start..]) {
-            *o = if v.to_f64() > 0.0 { *d } else { T::ZERO };
-        }
+        backward_block(&x[start..], &dy[start..], out)
     })
 }
 
