@@ -1,5 +1,6 @@
 //! Jacobian diagnostics and regularisation at an equilibrium, from first-order products only.
 
+use crate::solver::FixedPointMap;
 use candle_core::{DType, Result, Tensor};
 use rand::Rng;
 
@@ -53,7 +54,7 @@ pub fn frobenius_sq_hutchinson(
 /// two evaluations (candle has no double backward for the official vector-Jacobian form). The
 /// finite difference is exact for maps linear in z and has an O(h²) bias otherwise.
 pub fn frobenius_sq_finite_difference(
-    f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    f: &mut dyn FixedPointMap,
     z: &Tensor,
     samples: usize,
     h: f64,
@@ -65,7 +66,7 @@ pub fn frobenius_sq_finite_difference(
     for _ in 0..samples.max(1) {
         let eps: Vec<f64> = (0..b * d).map(|_| gaussian(rng)).collect();
         let eps = (Tensor::from_vec(eps, (b, d), z.device())?.to_dtype(z.dtype())? * h)?;
-        let jv = ((f(&(&z + &eps)?)? - f(&(&z - &eps)?)?)? / (2.0 * h))?;
+        let jv = ((f.apply(&(&z + &eps)?)? - f.apply(&(&z - &eps)?)?)? / (2.0 * h))?;
         let term = jv.sqr()?.sum_all()?;
         total = Some(match total {
             None => term,

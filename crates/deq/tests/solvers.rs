@@ -2,7 +2,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use mdeq_deq::solver::{solve_with_fallback, SampleStatus};
-use mdeq_deq::{adjoint, BackwardMode, Coupling, GraphVjp, SolverKind, SolverOptions, StopMode};
+use mdeq_deq::{
+    adjoint, BackwardMode, Coupling, FixedPointMap, GraphVjp, SolverKind, SolverOptions, StopMode,
+};
 
 const D: usize = 6;
 
@@ -417,4 +419,198 @@ fn graph_vjp_matches_the_transposed_jacobian_of_a_linear_map() {
         }
     }
     assert_eq!(g.calls, D);
+}
+
+/// z ↦ tanh(s_k·A z + b_k) per sample k, which says its samples are independent (`compact`) or
+/// not.
+struct RowwiseLinear {
+    at: Tensor,
+    scale: Tensor,
+    b: Tensor,
+    compact: bool,
+    rows_seen: Vec<usize>,
+}
+
+impl RowwiseLinear {
+    fn eval(&self, z: &Tensor, scale: &Tensor, b: &Tensor) -> Result<Tensor> {
+        (z.matmul(&self.at)?.broadcast_mul(scale)? + b)?.tanh()
+    }
+}
+
+impl FixedPointMap for RowwiseLinear {
+    fn apply(&mut self, z: &Tensor) -> Result<Tensor> {
+        self.rows_seen.push(z.dim(0)?);
+        self.eval(z, &self.scale, &self.b)
+    }
+
+    fn apply_rows(&mut self, z_rows: &Tensor, rows: &Tensor) -> Result<Option<Tensor>> {
+        if !self.compact {
+            return Ok(None);
+        }
+        self.rows_seen.push(z_rows.dim(0)?);
+        let (scale, b) = (
+            self.scale.index_select(rows, 0)?,
+            self.b.index_select(rows, 0)?,
+        );
+        self.eval(z_rows, &scale, &b).map(Some)
+    }
+}
+
+#[test]
+fn compaction_skips_converged_samples_without_changing_any_answer() {
+    let a = contraction(0.95);
+    let at = Tensor::from_vec(a, (D, D), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    // Contraction factors from 0.1 to 0.95: the samples converge after very different counts.
+    let scales = [0.1, 0.95, 0.4, 0.7];
+    let n = scales.len();
+    let scale = Tensor::from_vec(scales.to_vec(), (n, 1), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(
+        (0..n * D).map(|k| (k as f64 * 0.37).sin()).collect(),
+        (n, D),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let z0 = Tensor::zeros((n, D), DType::F64, &Device::Cpu).unwrap();
+    for kind in all_solvers() {
+        let run = |compact: bool| {
+            let mut f = RowwiseLinear {
+                at: at.clone(),
+                scale: scale.clone(),
+                b: b.clone(),
+                compact,
+                rows_seen: Vec::new(),
+            };
+            let sol = kind.solve(&mut f, &z0, &opts(400, 1e-10)).unwrap();
+            (sol, f.rows_seen)
+        };
+        let (full, full_rows) = run(false);
+        let (compacted, compacted_rows) = run(true);
+        assert!(full_rows.iter().all(|&r| r == n), "{kind:?}: {full_rows:?}");
+        assert_eq!(full.stats.sample_evaluations, n * full.stats.evaluations);
+        // Fewer rows evaluated, as the statistics say, and never more than once per step.
+        assert_eq!(
+            compacted.stats.sample_evaluations,
+            compacted_rows.iter().sum::<usize>(),
+            "{kind:?}"
+        );
+        assert!(
+            compacted.stats.sample_evaluations < full.stats.sample_evaluations,
+            "{kind:?}: {} rows evaluated vs {}",
+            compacted.stats.sample_evaluations,
+            full.stats.sample_evaluations
+        );
+        assert!(compacted_rows.iter().any(|&r| r < n), "{kind:?}");
+        assert!(compacted_rows.windows(2).all(|w| w[1] <= w[0]), "{kind:?}");
+        // Same iterates, steps, residual traces and statuses for every sample.
+        assert_eq!(compacted.stats.steps, full.stats.steps, "{kind:?}");
+        assert_eq!(compacted.stats.status, full.stats.status, "{kind:?}");
+        assert!(compacted.stats.all_converged(), "{kind:?}");
+        let (zc, zf) = (
+            compacted.z.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            full.z.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        );
+        let diff = zc
+            .iter()
+            .zip(&zf)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-13, "{kind:?}: answers differ by {diff}");
+    }
+}
+
+/// Limited-memory Broyden for one sample written plainly over `Vec<f64>`, keeping the newest
+/// `cap` pairs: the reference for the solver's in-place history buffers.
+fn reference_broyden(
+    f: impl Fn(&[f64]) -> Vec<f64>,
+    z0: &[f64],
+    steps: usize,
+    cap: usize,
+) -> Vec<f64> {
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let sub = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>();
+    let mut pairs: std::collections::VecDeque<(Vec<f64>, Vec<f64>)> = Default::default();
+    // M x = −x + Σ a_k (b_k · x) with (a, b) = (u, v), or (v, u) for xᵀ M.
+    let apply = |pairs: &std::collections::VecDeque<(Vec<f64>, Vec<f64>)>, x: &[f64], t: bool| {
+        let mut out: Vec<f64> = x.iter().map(|v| -v).collect();
+        for (u, v) in pairs {
+            let (a, b) = if t { (v, u) } else { (u, v) };
+            let c = dot(b, x);
+            out.iter_mut().zip(a).for_each(|(o, ai)| *o += ai * c);
+        }
+        out
+    };
+    let mut x = z0.to_vec();
+    let mut gx = sub(&f(&x), &x);
+    let mut update = gx.clone();
+    let (mut best, mut lowest) = (x.clone(), f64::INFINITY);
+    for _ in 0..steps {
+        let x_new: Vec<f64> = x.iter().zip(&update).map(|(a, b)| a + b).collect();
+        let g_new = sub(&f(&x_new), &x_new);
+        let r = dot(&g_new, &g_new).sqrt();
+        if r < lowest {
+            (best, lowest) = (x_new.clone(), r);
+        }
+        let (dx, dg) = (sub(&x_new, &x), sub(&g_new, &gx));
+        let vt = apply(&pairs, &dx, true);
+        let denom = dot(&vt, &dg);
+        let u: Vec<f64> = sub(&dx, &apply(&pairs, &dg, false))
+            .iter()
+            .map(|v| v / denom)
+            .collect();
+        if pairs.len() == cap {
+            pairs.pop_front();
+        }
+        pairs.push_back((u, vt));
+        update = apply(&pairs, &g_new, false).iter().map(|v| -v).collect();
+        (x, gx) = (x_new, g_new);
+    }
+    best
+}
+
+#[test]
+fn capped_broyden_history_matches_a_plain_reference() {
+    let a = contraction(1.3);
+    let bias: Vec<f64> = (0..D).map(|i| (i as f64 * 0.9).cos()).collect();
+    let f = |z: &[f64]| -> Vec<f64> {
+        (0..D)
+            .map(|i| ((0..D).map(|j| a[i * D + j] * z[j]).sum::<f64>() + bias[i]).tanh())
+            .collect()
+    };
+    let at = Tensor::from_vec(a.clone(), (D, D), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let b = Tensor::from_vec(bias.clone(), (1, D), &Device::Cpu).unwrap();
+    let z0v: Vec<f64> = (0..D).map(|i| 0.1 * i as f64).collect();
+    let z0 = Tensor::from_vec(z0v.clone(), (1, D), &Device::Cpu).unwrap();
+    // Few enough steps that the residual never reaches exactly zero.
+    let steps = 9;
+    // Caps below, at and above the growth steps of the buffers (4, 8, ...), and uncapped.
+    for cap in [1, 3, 4, 5, 8, steps] {
+        let mut map = |z: &Tensor| z.matmul(&at)?.broadcast_add(&b)?.tanh();
+        let kind = SolverKind::Broyden {
+            max_pairs: Some(cap),
+            max_history_bytes: None,
+        };
+        let sol = kind.solve(&mut map, &z0, &opts(steps, 1e-300)).unwrap();
+        let ours = sol.z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let reference = reference_broyden(f, &z0v, steps, cap);
+        let diff = ours
+            .iter()
+            .zip(&reference)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            diff < 1e-12,
+            "cap {cap}: differs from the reference by {diff}"
+        );
+        assert_eq!(sol.stats.steps, steps, "cap {cap}");
+    }
 }

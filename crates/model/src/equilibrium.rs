@@ -1,6 +1,7 @@
 //! The MDEQ forward and backward through the DEQ engine (spec §4): solve for z* without a graph,
 //! then (training) one differentiable application out = f(z*) and the implicit backward.
 
+use crate::cell::solver_map::CellMap;
 use crate::cell::MultiscaleCell;
 use crate::config::DeqConfig;
 use crate::mdeq::Mdeq;
@@ -8,7 +9,9 @@ use crate::state::StateLayout;
 use candle_core::{DType, Result, Tensor, Var};
 use mdeq_deq::jacobian::frobenius_sq_finite_difference;
 use mdeq_deq::solver::solve_with_fallback;
-use mdeq_deq::{adjoint, BackwardMode, GraphVjp, SolverKind, SolverOptions, SolverStats};
+use mdeq_deq::{
+    adjoint, BackwardMode, FixedPointMap, GraphVjp, SolverKind, SolverOptions, SolverStats,
+};
 use rand::SeedableRng;
 
 /// Solver settings resolved from a [`DeqConfig`].
@@ -24,6 +27,8 @@ pub struct DeqRuntime {
     pub backward: SolverOptions,
     /// Backward mode.
     pub mode: BackwardMode,
+    /// Evaluate f on unconverged samples only.
+    pub compact_batch: bool,
 }
 
 fn kind(name: &str, max_pairs: Option<usize>) -> Result<SolverKind> {
@@ -60,6 +65,7 @@ impl DeqRuntime {
                 coupling: c.coupling,
             },
             mode: c.backward.clone(),
+            compact_batch: c.compact_batch,
         })
     }
 }
@@ -79,10 +85,21 @@ pub fn solve_equilibrium(
         Some(z) => z.detach(),
         None => Tensor::zeros((b, layout.size()), inj[0].dtype(), inj[0].device())?,
     };
-    let mut f = |z: &Tensor| -> Result<Tensor> {
-        layout.flatten(&cell.forward(&layout.unflatten(z)?, &inj, masks)?)
+    let mut map = CellMap {
+        cell,
+        injection: &inj,
+        masks,
+        layout,
     };
-    let sol = solve_with_fallback(&rt.forward_chain, &mut f, &start, &rt.forward)?;
+    let mut whole_batch;
+    let f: &mut dyn FixedPointMap = if rt.compact_batch {
+        &mut map
+    } else {
+        // As a closure the map cannot be restricted to rows: the whole batch is evaluated.
+        whole_batch = |z: &Tensor| map.apply(z);
+        &mut whole_batch
+    };
+    let sol = solve_with_fallback(&rt.forward_chain, f, &start, &rt.forward)?;
     Ok((sol.z, sol.stats))
 }
 
@@ -210,8 +227,11 @@ pub fn train_gradients(
         let Some(p) = penalty.filter(|p| p.factor > 0.0) else {
             return Ok(());
         };
-        let mut f = |z: &Tensor| -> Result<Tensor> {
-            layout.flatten(&cell.forward(&layout.unflatten(z)?, &injection, masks)?)
+        let mut f = CellMap {
+            cell: &cell,
+            injection: &injection,
+            masks,
+            layout: &layout,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
         let jac = frobenius_sq_finite_difference(&mut f, z, p.probes, p.step_size, &mut rng)?;

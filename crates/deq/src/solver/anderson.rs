@@ -103,8 +103,7 @@ pub fn solve(
     let m = a.m.max(1);
     let mut tracker = ResidualTracker::new("anderson", z0, opts, 1e-5)?;
     let mut xs: Vec<Tensor> = vec![z0.clone()];
-    let f0 = f.apply(z0)?;
-    tracker.count_evaluation();
+    let f0 = tracker.evaluate(f, z0)?;
     let mut fs: Vec<Tensor> = vec![f0.clone()];
     tracker.record(z0, &(&f0 - z0)?, &f0)?;
     let mut k = 1;
@@ -142,8 +141,7 @@ pub fn solve(
         let prev = xs.last().expect("history").clone();
         let mask = tracker.active_mask(&prev)?;
         let x_next = (&prev + (x_next - &prev)?.broadcast_mul(&mask)?)?;
-        let fx = f.apply(&x_next)?;
-        tracker.count_evaluation();
+        let fx = tracker.evaluate(f, &x_next)?;
         tracker.record(&x_next, &(&fx - &x_next)?, &fx)?;
         if xs.len() == m {
             newest = k % m;

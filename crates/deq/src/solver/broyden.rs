@@ -82,14 +82,12 @@ pub fn solve(
     };
     let mut tracker = ResidualTracker::new("broyden", z0, opts, 1e-9)?;
     let mut x = z0.clone();
-    let mut gx = (f.apply(&x)? - &x)?;
-    tracker.count_evaluation();
+    let mut gx = (tracker.evaluate(f, &x)? - &x)?;
     let mut update = gx.clone();
     while tracker.stats_steps() < opts.threshold {
         let mask = tracker.active_mask(&x)?;
         let x_new = (&x + update.broadcast_mul(&mask)?)?;
-        let fx = f.apply(&x_new)?;
-        tracker.count_evaluation();
+        let fx = tracker.evaluate(f, &x_new)?;
         let g_new = (&fx - &x_new)?;
         tracker.record(&x_new, &g_new, &fx)?;
         if tracker.done() {

@@ -19,8 +19,7 @@ pub fn solve(
     let mut tracker = ResidualTracker::new("fixed_point", z0, opts, 1e-9)?;
     let mut x = z0.clone();
     while tracker.stats_steps() < opts.threshold {
-        let fx = f.apply(&x)?;
-        tracker.count_evaluation();
+        let fx = tracker.evaluate(f, &x)?;
         let next = if tau == 1.0 {
             fx.clone()
         } else {

@@ -7,6 +7,7 @@
 
 pub mod anderson;
 pub mod broyden;
+mod compaction;
 pub mod fixed_point;
 mod residual;
 
@@ -19,6 +20,15 @@ pub use residual::ResidualTracker;
 pub trait FixedPointMap {
     /// Evaluates f(z).
     fn apply(&mut self, z: &Tensor) -> Result<Tensor>;
+
+    /// Evaluates f on some samples only: `z_rows` holds the rows `rows` (a u32 index, ascending)
+    /// of the state. Maps whose samples do not interact implement this so that converged,
+    /// frozen samples cost nothing; `None` (the default) says the map cannot be restricted and
+    /// the whole batch is evaluated instead.
+    fn apply_rows(&mut self, z_rows: &Tensor, rows: &Tensor) -> Result<Option<Tensor>> {
+        let _ = (z_rows, rows);
+        Ok(None)
+    }
 }
 
 impl<F: FnMut(&Tensor) -> Result<Tensor>> FixedPointMap for F {
@@ -94,6 +104,10 @@ pub struct SolverStats {
     pub solver: String,
     /// Evaluations of f.
     pub evaluations: usize,
+    /// Samples f was evaluated on, summed over evaluations (below evaluations × B when
+    /// converged samples were compacted out of the batch).
+    #[serde(default)]
+    pub sample_evaluations: usize,
     /// Steps taken (recorded residuals).
     pub steps: usize,
     /// abs residual per step, per sample (step-major).

@@ -1,7 +1,10 @@
 //! Residual bookkeeping shared by the solvers: per-sample or whole-batch norms, traces, the
 //! lowest-residual iterate, stop rules, freezing, NaN detection.
 
-use super::{Coupling, SampleStatus, Solution, SolverOptions, SolverStats, StopMode};
+use super::compaction;
+use super::{
+    Coupling, FixedPointMap, SampleStatus, Solution, SolverOptions, SolverStats, StopMode,
+};
 use candle_core::{DType, Result, Tensor};
 
 /// Tracks residuals and the best iterate of one solve.
@@ -14,6 +17,8 @@ pub struct ResidualTracker {
     /// Samples still being updated.
     active: Vec<bool>,
     first_objective: Option<Vec<f64>>,
+    /// f at the previous evaluation (its frozen rows are reused when f is compacted).
+    previous_f: Option<Tensor>,
 }
 
 fn per_sample_sq_norms(t: &Tensor) -> Result<Vec<f64>> {
@@ -32,6 +37,7 @@ impl ResidualTracker {
             stats: SolverStats {
                 solver: solver.to_string(),
                 evaluations: 0,
+                sample_evaluations: 0,
                 steps: 0,
                 abs_trace: Vec::new(),
                 rel_trace: Vec::new(),
@@ -42,12 +48,18 @@ impl ResidualTracker {
             best: z0.clone(),
             active: vec![true; batch],
             first_objective: None,
+            previous_f: None,
         })
     }
 
-    /// Counts one evaluation of f.
-    pub fn count_evaluation(&mut self) {
+    /// f(x), evaluated on the active samples only where the map allows it. The solvers keep
+    /// frozen samples where they were when f was last evaluated, so their rows of f are reused.
+    pub fn evaluate(&mut self, f: &mut dyn FixedPointMap, x: &Tensor) -> Result<Tensor> {
+        let (fx, rows) = compaction::evaluate(f, x, &self.active, self.previous_f.as_ref())?;
         self.stats.evaluations += 1;
+        self.stats.sample_evaluations += rows;
+        self.previous_f = Some(fx.clone());
+        Ok(fx)
     }
 
     /// Samples still being updated.
@@ -181,6 +193,7 @@ pub fn merge_better(a: Solution, b: Solution) -> Result<Solution> {
     let mut stats = a.stats.clone();
     stats.solver = format!("{}+{}", a.stats.solver, b.stats.solver);
     stats.evaluations += b.stats.evaluations;
+    stats.sample_evaluations += b.stats.sample_evaluations;
     stats.steps += b.stats.steps;
     stats.abs_trace.extend(b.stats.abs_trace.iter().cloned());
     stats.rel_trace.extend(b.stats.rel_trace.iter().cloned());

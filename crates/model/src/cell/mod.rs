@@ -3,6 +3,7 @@
 pub mod fuse;
 pub mod post_fuse;
 pub mod residual_block;
+pub mod solver_map;
 
 use crate::config::ModelConfig;
 use crate::params::ParamBuilder;

@@ -302,6 +302,14 @@ pub struct DeqConfig {
     /// Cap on Broyden's stored (u, v) pairs (None: the threshold, as the official code).
     #[serde(default)]
     pub max_history_pairs: Option<usize>,
+    /// With per-sample coupling, evaluate f only on the samples not yet converged (on by
+    /// default; off evaluates the whole batch at every step, for comparison).
+    #[serde(default = "default_compact_batch")]
+    pub compact_batch: bool,
+}
+
+fn default_compact_batch() -> bool {
+    true
 }
 
 fn default_coupling() -> Coupling {

@@ -225,6 +225,7 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
         backward: super::BackwardMode::Ift,
         fallback: Vec::new(),
         max_history_pairs: None,
+        compact_batch: true,
     };
 
     let optimizer = match y

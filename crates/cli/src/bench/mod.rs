@@ -8,6 +8,8 @@ use mdeq_model::{ExperimentConfig, Mdeq};
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
+pub mod training;
+
 /// Bench settings (the defaults are torch_cell.py's).
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -229,6 +231,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
             })?,
         ));
     }
+    out.extend(training::figures(&model, &cfg, opts, (input[2], input[3]))?);
     Ok(out)
 }
 

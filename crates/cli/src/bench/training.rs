@@ -1,0 +1,133 @@
+//! Bench figures of whole training steps and of inference with the real solvers, as `mdeq train`
+//! and `mdeq eval` run them: stem, forward solve, head and loss, backward in each mode, and the
+//! optimizer step.
+//!
+//! The optimizer runs with learning rate 0 (all its work, no change to the weights), so every
+//! repeat solves the same problem and the figures compare like with like.
+
+use super::{randn, time_it, BenchOptions, Timing};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use mdeq_deq::{BackwardMode, SolverStats};
+use mdeq_model::equilibrium::{eval_forward, train_gradients, DeqRuntime, Phase};
+use mdeq_model::{ExperimentConfig, Mdeq, Task};
+use mdeq_train::loss::{classification_loss, segmentation_loss};
+use mdeq_train::optimizer::Optimizer;
+use rand::SeedableRng;
+
+/// Phantom gradient settings of the `train_step_phantom` figure (Geng et al. 2021's k and τ).
+const PHANTOM: BackwardMode = BackwardMode::Phantom { k: 5, tau: 0.5 };
+
+/// Deterministic labels in 0..classes: (B) classes or (B, H, W) label maps.
+fn labels(task: Task, batch: usize, classes: usize, hw: (usize, usize)) -> Result<Tensor> {
+    let n = match task {
+        Task::Classification => batch,
+        Task::Segmentation => batch * hw.0 * hw.1,
+    };
+    let v: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % classes) as i64).collect();
+    let t = Tensor::from_vec(v, n, &Device::Cpu)?;
+    Ok(match task {
+        Task::Classification => t,
+        Task::Segmentation => t.reshape((batch, hw.0, hw.1))?,
+    })
+}
+
+/// How much of the whole-batch work the forward solve did: mean steps and evaluated samples
+/// over evaluations × batch.
+fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
+    let share = stats.sample_evaluations as f64 / (stats.evaluations * batch).max(1) as f64;
+    format!(
+        "{name}: forward solve {} steps, {} of {} samples converged, f evaluated on {:.0}% of the \
+         whole-batch sample count",
+        stats.steps,
+        stats
+            .status
+            .iter()
+            .filter(|s| **s == mdeq_deq::SampleStatus::Converged)
+            .count(),
+        batch,
+        100.0 * share
+    )
+}
+
+/// Times the training-step and inference figures the options ask for.
+pub fn figures(
+    model: &Mdeq,
+    cfg: &ExperimentConfig,
+    opts: &BenchOptions,
+    hw: (usize, usize),
+) -> Result<Vec<(&'static str, Timing)>> {
+    let b = opts.batch;
+    let image = randn((b, cfg.model.in_channels, hw.0, hw.1), 40)?;
+    let task = cfg.model.task;
+    let target = labels(task, b, cfg.model.num_classes, hw)?;
+    let loss_fn = |logits: &Tensor| match task {
+        Task::Classification => classification_loss(logits, &target),
+        Task::Segmentation => segmentation_loss(logits, &target, None),
+    };
+    let base = DeqRuntime::from_config(&cfg.deq)?;
+    let whole_batch = DeqRuntime {
+        compact_batch: false,
+        ..base.clone()
+    };
+    let phantom = DeqRuntime {
+        mode: PHANTOM,
+        ..base.clone()
+    };
+    let jfb = DeqRuntime {
+        mode: BackwardMode::Jfb,
+        ..base.clone()
+    };
+    let steps: [(&'static str, &DeqRuntime, Phase); 5] = [
+        ("train_step_ift", &base, Phase::Deq),
+        ("train_step_ift_whole_batch", &whole_batch, Phase::Deq),
+        ("train_step_phantom", &phantom, Phase::Deq),
+        ("train_step_jfb", &jfb, Phase::Deq),
+        (
+            "train_step_unrolled",
+            &base,
+            Phase::Unrolled(cfg.model.num_layers),
+        ),
+    ];
+    let params: Vec<_> = model.store().parameters().map(|e| e.var.clone()).collect();
+    let masks = model.dropout_masks(b, true, &mut rand::rngs::StdRng::seed_from_u64(0))?;
+    let mut out = Vec::new();
+    for (name, rt, phase) in steps {
+        if !opts.wants(name) {
+            continue;
+        }
+        let mut opt = Optimizer::new(&cfg.train, params.len());
+        let mut last_stats = None;
+        let timing = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+            let g = train_gradients(model, &image, &masks, &loss_fn, rt, phase, None)?;
+            let grads: Vec<Option<Tensor>> = g.grads.into_iter().map(|(_, t)| t).collect();
+            opt.step(&params, &grads, 0.0)?;
+            last_stats = g.forward_stats;
+            Ok(())
+        })?;
+        if let Some(s) = &last_stats {
+            eprintln!("{}", describe(name, s, b));
+        }
+        out.push((name, timing));
+    }
+    if opts.wants("inference_per_image") {
+        let mut last_stats = None;
+        let t = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+            let (_, _, stats) = eval_forward(model, &image, &base)?;
+            last_stats = Some(stats);
+            Ok(())
+        })?;
+        if let Some(s) = &last_stats {
+            eprintln!("{}", describe("inference_per_image", s, b));
+        }
+        let per = |ms: f64| ms / b as f64;
+        out.push((
+            "inference_per_image",
+            Timing {
+                median_ms: per(t.median_ms),
+                min_ms: per(t.min_ms),
+            },
+        ));
+    }
+    Ok(out)
+}
