@@ -29,6 +29,41 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         .apply_op2(&w.contiguous()?, Conv2dForward { stride, padding })
 }
 
+/// dL/dx of [`conv2d`] for an input of `x_dims`, given dL/dy, without the weight gradient (the
+/// unit of work of a VJP with respect to the state). Other devices and dtypes go through
+/// candle's autograd.
+pub fn conv2d_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    x_dims: &[usize],
+) -> Result<Tensor> {
+    let fast = matches!(dy.device(), Device::Cpu)
+        && matches!(dy.dtype(), DType::F32 | DType::F64)
+        && dy.dtype() == w.dtype();
+    let (c_out, _, k, _) = w.dims4()?;
+    let (_, g) = geometry(x_dims, k, stride, padding)?;
+    if (dy.dim(1)?, dy.dim(2)?, dy.dim(3)?) != (c_out, g.h_out(), g.w_out()) {
+        candle_core::bail!(
+            "conv2d_input_grad: dy {:?} does not match kernel {:?} on input {x_dims:?}",
+            dy.dims(),
+            w.dims()
+        );
+    }
+    if !fast {
+        // The transposed convolution, with the output padding that restores the input size
+        // (candle takes one for both axes: the larger, then the extra row or column is cut).
+        let extra =
+            |size: usize, out: usize| size.saturating_sub((out - 1) * stride + k - 2 * padding);
+        let (eh, ew) = (extra(g.h, g.h_out()), extra(g.w, g.w_out()));
+        let dx = dy.conv_transpose2d(&w.detach(), padding, eh.max(ew), stride, 1)?;
+        return dx.narrow(2, 0, g.h)?.narrow(3, 0, g.w)?.contiguous();
+    }
+    dy.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &InputGrad { g })
+}
+
 fn geometry(
     x_dims: &[usize],
     k: usize,
@@ -164,7 +199,9 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
             im2col(xs, &g, col);
             col.as_slice()
         };
-        matmul(acc, dys, Op::N, src, Op::T, (c_out, rows, cols), true, par);
+        // Accumulates dWᵀ (rows × c_out) = col · dyᵀ: gemm packs the long K = H·W axis of
+        // both operands contiguously this way round.
+        matmul(acc, src, Op::N, dys, Op::T, (rows, c_out, cols), true, par);
     };
     let mut total = vec![T::ZERO; c_out * rows];
     if over_batch {
@@ -192,7 +229,14 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], b: usize, c_out: usize, g: Geometr
         let mut col = uninit_vec::<T>(col_len); // im2col writes it in full
         (0..b).for_each(|s| accumulate(&mut total, &mut col, s));
     }
-    total
+    // dWᵀ → dW (c_out × rows).
+    let mut dw = uninit_vec::<T>(c_out * rows); // every element is assigned below
+    for r in 0..rows {
+        for co in 0..c_out {
+            dw[co * rows + r] = total[r * c_out + co];
+        }
+    }
+    dw
 }
 
 macro_rules! dispatch {

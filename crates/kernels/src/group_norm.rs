@@ -40,6 +40,51 @@ pub fn group_norm(
     }
 }
 
+/// dL/dx of [`group_norm`] given dL/dy, without the gradients of γ and β (the unit of work of a
+/// VJP with respect to the state). Other devices and dtypes go through candle's autograd.
+pub fn group_norm_input_grad(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
+    }
+    if x.dims() != dy.dims() {
+        candle_core::bail!(
+            "group_norm_input_grad: x {:?} and dy {:?} differ",
+            x.dims(),
+            dy.dims()
+        );
+    }
+    let fast = matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == dy.dtype();
+    if !fast {
+        let xv = candle_core::Var::from_tensor(&x.detach())?;
+        let beta = gamma.map(|g| g.zeros_like()).transpose()?;
+        let affine = gamma.zip(beta.as_ref());
+        let y = composed(xv.as_tensor(), groups, affine, eps)?;
+        let grads = (y * dy)?.sum_all()?.backward()?;
+        return match grads.get(xv.as_tensor()) {
+            Some(dx) => Ok(dx.clone()),
+            None => x.zeros_like(),
+        };
+    }
+    let op = GroupNormOp { groups, eps };
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let grads = match gamma {
+        None => x.apply_op2_no_bwd(&dy, &Backward { op })?,
+        Some(g) => {
+            x.apply_op3_no_bwd(&g.to_dtype(x.dtype())?.contiguous()?, &dy, &Backward { op })?
+        }
+    };
+    grads.narrow(0, 0, x.elem_count())?.reshape(x.shape())
+}
+
 /// The same computation from candle ops (other devices and dtypes).
 pub fn composed(
     x: &Tensor,

@@ -14,6 +14,6 @@ pub mod conv2d;
 pub mod group_norm;
 pub mod relu;
 
-pub use conv2d::conv2d;
-pub use group_norm::group_norm;
-pub use relu::relu;
+pub use conv2d::{conv2d, conv2d_input_grad};
+pub use group_norm::{group_norm, group_norm_input_grad};
+pub use relu::{relu, relu_grad};

@@ -18,6 +18,22 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// dy where x > 0, zero elsewhere: the backward of [`relu`] given its input.
+pub fn relu_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if x.dims() != dy.dims() {
+        candle_core::bail!("relu_grad: x {:?} and dy {:?} differ", x.dims(), dy.dims());
+    }
+    if matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == dy.dtype()
+    {
+        x.contiguous()?
+            .apply_op2_no_bwd(&dy.contiguous()?, &ReluBackward)
+    } else {
+        dy * x.gt(0.0)?.to_dtype(dy.dtype())?
+    }
+}
+
 const BLOCK: usize = 1 << 14;
 
 fn map<T: Element>(n: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {

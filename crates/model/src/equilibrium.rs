@@ -1,7 +1,7 @@
 //! The MDEQ forward and backward through the DEQ engine (spec §4): solve for z* without a graph,
 //! then (training) one differentiable application out = f(z*) and the implicit backward.
 
-use crate::cell::solver_map::CellMap;
+use crate::cell::solver_map::{CellMap, CellVjp};
 use crate::cell::MultiscaleCell;
 use crate::config::DeqConfig;
 use crate::mdeq::Mdeq;
@@ -9,9 +9,7 @@ use crate::state::StateLayout;
 use candle_core::{DType, Result, Tensor, Var};
 use mdeq_deq::jacobian::frobenius_sq_finite_difference;
 use mdeq_deq::solver::solve_with_fallback;
-use mdeq_deq::{
-    adjoint, BackwardMode, FixedPointMap, GraphVjp, SolverKind, SolverOptions, SolverStats,
-};
+use mdeq_deq::{adjoint, BackwardMode, FixedPointMap, SolverKind, SolverOptions, SolverStats};
 use rand::SeedableRng;
 
 /// Solver settings resolved from a [`DeqConfig`].
@@ -290,17 +288,18 @@ pub fn train_gradients(
         .cloned()
         .unwrap_or(out.zeros_like()?);
 
-    // y = y J + gbar with VJPs through ONE recorded graph of f at z* built from detached
-    // parameters, so the solve computes no parameter gradients.
-    let inj_detached: Vec<Tensor> = injection.iter().map(Tensor::detach).collect();
-    let z_vjp = Var::from_tensor(&zstar)?;
-    let out_vjp = layout.flatten(&detached.forward(
-        &layout.unflatten(z_vjp.as_tensor())?,
-        &inj_detached,
-        masks,
-    )?)?;
-    let mut graph = GraphVjp::new(z_vjp, out_vjp);
-    let mut vjp = |y: &Tensor| graph.vjp(y);
+    // y = y J + gbar with VJPs through ONE recording of f at z* with detached parameters, so the
+    // solve computes no parameter gradients.
+    let mut recorded = CellVjp::record(
+        &CellMap {
+            cell: &detached,
+            injection: &injection,
+            masks,
+            layout: &layout,
+        },
+        &zstar,
+    )?;
+    let mut vjp = |y: &Tensor| recorded.vjp(y);
     let (y, bsol) = adjoint(&rt.mode, &mut vjp, &gbar, &rt.backward_solver, &rt.backward)?;
 
     let cell_grads = (&out * y.detach())?.sum_all()?.backward()?;

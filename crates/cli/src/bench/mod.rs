@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use mdeq_deq::GraphVjp;
+use mdeq_model::cell::solver_map::{CellMap, CellVjp};
 use mdeq_model::{ExperimentConfig, Mdeq};
 use serde_json::{json, Map, Value};
 use std::time::Instant;
@@ -179,14 +179,19 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
         ));
     }
 
-    let zv = Var::from_tensor(&layout.flatten(&z)?)?;
-    let rec = layout.flatten(&fixed.forward(&layout.unflatten(zv.as_tensor())?, &x, &masks)?)?;
-    let mut graph = GraphVjp::new(zv, rec);
+    // The implicit backward's unit of work: a product through f recorded once at z.
+    let map = CellMap {
+        cell: &fixed,
+        injection: &x,
+        masks: &masks,
+        layout: &layout,
+    };
+    let mut recorded = CellVjp::record(&map, &layout.flatten(&z)?)?;
     if opts.wants("vjp") {
         out.push((
             "vjp",
             time_it(warm, reps, || {
-                graph.vjp(&v_flat)?;
+                recorded.vjp(&v_flat)?;
                 Ok(())
             })?,
         ));
@@ -212,16 +217,16 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
                     &x,
                     &masks,
                 )?)?;
-                let zv = Var::from_tensor(&zstar)?;
-                let rec = layout.flatten(&detached.forward(
-                    &layout.unflatten(zv.as_tensor())?,
-                    &x,
-                    &masks,
-                )?)?;
-                let mut graph = GraphVjp::new(zv, rec);
+                let map = CellMap {
+                    cell: &detached,
+                    injection: &x,
+                    masks: &masks,
+                    layout: &layout,
+                };
+                let mut recorded = CellVjp::record(&map, &zstar)?;
                 let mut y = v_flat.clone();
                 for _ in 0..opts.b_steps {
-                    y = (graph.vjp(&y)? + &v_flat)?;
+                    y = (recorded.vjp(&y)? + &v_flat)?;
                 }
                 let g = (outp * y)?.sum_all()?.backward()?;
                 if params.iter().any(|p| g.get(p).is_none()) {

@@ -1,9 +1,23 @@
 //! Multiscale fusion layers T_ij (spec §1.3 step B).
 
 use crate::nn::Relu0;
-use crate::nn::{nearest_upsample, Conv2d, GroupNorm};
+use crate::nn::{nearest_upsample, nearest_upsample_grad, Conv2d, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
+use mdeq_kernels::relu_grad;
+
+/// One stage of a fuse layer as its VJP reads it.
+#[derive(Debug, Clone)]
+struct StageTape {
+    input_dims: Vec<usize>,
+    conv_out: Tensor,
+    /// The GroupNorm output where a ReLU follows it.
+    norm_out: Option<Tensor>,
+}
+
+/// The intermediate values of one fuse-layer application that its VJP reads.
+#[derive(Debug, Clone)]
+pub struct FuseTape(Vec<StageTape>);
 
 /// Moves branch j's features to branch i's resolution and width.
 #[derive(Debug, Clone)]
@@ -53,19 +67,61 @@ impl FuseLayer {
 
     /// Applies the transform.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
+        Ok(self.forward_taped(x)?.0)
+    }
+
+    /// [`Self::forward`], also returning what [`Self::vjp`] needs: per stage its input and the
+    /// convolution output (the GroupNorm input).
+    pub fn forward_taped(&self, x: &Tensor) -> Result<(Tensor, FuseTape)> {
+        let mut tape = Vec::new();
+        let out = match self {
             Self::Upsample { conv, norm, factor } => {
-                nearest_upsample(&norm.forward(&conv.forward(x)?)?, *factor)
+                let c = conv.forward(x)?;
+                let n = norm.forward(&c)?;
+                tape.push(StageTape {
+                    input_dims: x.dims().to_vec(),
+                    conv_out: c,
+                    norm_out: None,
+                });
+                nearest_upsample(&n, *factor)?
             }
             Self::Downsample { stages } => {
                 let mut t = x.clone();
                 for (s, (conv, norm)) in stages.iter().enumerate() {
-                    t = norm.forward(&conv.forward(&t)?)?;
-                    if s + 1 < stages.len() {
-                        t = t.relu0()?;
-                    }
+                    let c = conv.forward(&t)?;
+                    let n = norm.forward(&c)?;
+                    let last = s + 1 == stages.len();
+                    let next = if last { n.clone() } else { n.relu0()? };
+                    tape.push(StageTape {
+                        input_dims: t.dims().to_vec(),
+                        conv_out: c,
+                        norm_out: (!last).then_some(n),
+                    });
+                    t = next;
                 }
-                Ok(t)
+                t
+            }
+        };
+        Ok((out, FuseTape(tape)))
+    }
+
+    /// dL/dx given dL/d(out) at the taped point, with the weights held fixed.
+    pub fn vjp(&self, tape: &FuseTape, d_out: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Upsample { conv, norm, factor } => {
+                let st = &tape.0[0];
+                let dn = nearest_upsample_grad(d_out, *factor)?;
+                conv.input_grad(&norm.input_grad(&st.conv_out, &dn)?, &st.input_dims)
+            }
+            Self::Downsample { stages } => {
+                let mut d = d_out.clone();
+                for ((conv, norm), st) in stages.iter().zip(&tape.0).rev() {
+                    if let Some(n) = &st.norm_out {
+                        d = relu_grad(n, &d)?;
+                    }
+                    d = conv.input_grad(&norm.input_grad(&st.conv_out, &d)?, &st.input_dims)?;
+                }
+                Ok(d)
             }
         }
     }

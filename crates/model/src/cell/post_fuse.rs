@@ -29,7 +29,22 @@ impl PostFuse {
 
     /// Applies the layer to the fused sum y_i.
     pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
-        self.norm.forward(&self.conv.forward(&y.relu0()?)?)
+        Ok(self.forward_taped(y)?.0)
+    }
+
+    /// [`Self::forward`], also returning what [`Self::vjp`] needs: the input and the
+    /// convolution output.
+    pub fn forward_taped(&self, y: &Tensor) -> Result<(Tensor, (Tensor, Tensor))> {
+        let c = self.conv.forward(&y.relu0()?)?;
+        Ok((self.norm.forward(&c)?, (y.clone(), c)))
+    }
+
+    /// dL/dy given dL/d(out) at the taped point, with the weights held fixed.
+    pub fn vjp(&self, (y, c): &(Tensor, Tensor), d_out: &Tensor) -> Result<Tensor> {
+        let dr = self
+            .conv
+            .input_grad(&self.norm.input_grad(c, d_out)?, y.dims())?;
+        mdeq_kernels::relu_grad(y, &dr)
     }
 
     /// Weight norm computed once, optionally detached.

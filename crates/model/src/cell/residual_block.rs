@@ -4,6 +4,7 @@ use crate::nn::Relu0;
 use crate::nn::{CellConv, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
+use mdeq_kernels::relu_grad;
 
 /// conv → GN → ReLU → conv → dropout mask → + injection → GN → + z → ReLU → GN.
 #[derive(Debug, Clone)]
@@ -13,6 +14,23 @@ pub struct ResidualBlock {
     conv2: CellConv,
     gn2: GroupNorm,
     gn3: GroupNorm,
+}
+
+/// The intermediate values of one block application that its VJP reads.
+#[derive(Debug, Clone)]
+pub struct BlockTape {
+    z_dims: Vec<usize>,
+    /// conv1 output (GN1 input).
+    a1: Tensor,
+    /// GN1 output (ReLU input).
+    n1: Tensor,
+    /// GN2 input.
+    a2: Tensor,
+    /// GN2 output + z (ReLU input).
+    s: Tensor,
+    /// GN3 input.
+    r3: Tensor,
+    mask: Option<Tensor>,
 }
 
 /// Shape settings of one residual block.
@@ -54,16 +72,50 @@ impl ResidualBlock {
         injection: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let mut t = self.gn1.forward(&self.conv1.forward(z)?)?.relu0()?;
-        t = self.conv2.forward(&t)?;
+        Ok(self.forward_taped(z, injection, mask)?.0)
+    }
+
+    /// [`Self::forward`], also returning what [`Self::vjp`] needs.
+    pub fn forward_taped(
+        &self,
+        z: &Tensor,
+        injection: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, BlockTape)> {
+        let a1 = self.conv1.forward(z)?;
+        let n1 = self.gn1.forward(&a1)?;
+        let mut a2 = self.conv2.forward(&n1.relu0()?)?;
         if let Some(m) = mask {
-            t = t.broadcast_mul(m)?;
+            a2 = a2.broadcast_mul(m)?;
         }
         if let Some(x) = injection {
-            t = (t + x)?;
+            a2 = (a2 + x)?;
         }
-        let t = (self.gn2.forward(&t)? + z)?;
-        self.gn3.forward(&t.relu0()?)
+        let s = (self.gn2.forward(&a2)? + z)?;
+        let r3 = s.relu0()?;
+        let out = self.gn3.forward(&r3)?;
+        let tape = BlockTape {
+            z_dims: z.dims().to_vec(),
+            a1,
+            n1,
+            a2,
+            s,
+            r3,
+            mask: mask.cloned(),
+        };
+        Ok((out, tape))
+    }
+
+    /// dL/dz given dL/d(out) at the taped point, with weights and injection held fixed.
+    pub fn vjp(&self, tape: &BlockTape, d_out: &Tensor) -> Result<Tensor> {
+        let ds = relu_grad(&tape.s, &self.gn3.input_grad(&tape.r3, d_out)?)?;
+        let mut da2 = self.gn2.input_grad(&tape.a2, &ds)?;
+        if let Some(m) = &tape.mask {
+            da2 = da2.broadcast_mul(m)?;
+        }
+        let dr1 = self.conv2.input_grad(&da2, tape.n1.dims())?;
+        let da1 = self.gn1.input_grad(&tape.a1, &relu_grad(&tape.n1, &dr1)?)?;
+        ds + self.conv1.input_grad(&da1, &tape.z_dims)?
     }
 
     /// Weight norm computed once, optionally detached (see [`CellConv::prepared`]).

@@ -1,10 +1,11 @@
-//! The cell as the solvers' map z ↦ f(z; x) over the flat (B, D) state.
+//! The cell as the solvers see it: the map z ↦ f(z; x) over the flat (B, D) state, and its
+//! vector–Jacobian product at a recorded point for the implicit backward.
 //!
 //! Every operation of the cell acts on each sample separately (convolutions, GroupNorm, per-sample
 //! dropout masks, the injection), so f can be evaluated on a subset of the batch: the solvers use
 //! this to stop paying for samples that have converged.
 
-use super::MultiscaleCell;
+use super::{CellTape, MultiscaleCell};
 use crate::state::StateLayout;
 use candle_core::{Result, Tensor};
 use mdeq_deq::FixedPointMap;
@@ -51,5 +52,38 @@ impl FixedPointMap for CellMap<'_> {
             .map(|m| m.as_ref().map(|m| m.index_select(rows, 0)).transpose())
             .collect::<Result<Vec<_>>>()?;
         self.forward(z_rows, &injection, &masks).map(Some)
+    }
+}
+
+/// y ↦ y·∂f/∂z at one point z*, recorded once: every product of the backward solve reads the
+/// same tape (weights, injection and dropout masks held fixed, so no parameter gradient is
+/// computed inside the solve).
+pub struct CellVjp<'a> {
+    cell: &'a MultiscaleCell,
+    layout: &'a StateLayout,
+    tape: CellTape,
+    /// Products taken so far.
+    pub calls: usize,
+}
+
+impl<'a> CellVjp<'a> {
+    /// Records f at the flat state `z` (the cell should be prepared with detached weights).
+    pub fn record(map: &CellMap<'a>, z: &Tensor) -> Result<Self> {
+        let z = map.layout.unflatten(&z.detach())?;
+        let injection: Vec<Tensor> = map.injection.iter().map(Tensor::detach).collect();
+        let (_, tape) = map.cell.forward_taped(&z, &injection, map.masks)?;
+        Ok(Self {
+            cell: map.cell,
+            layout: map.layout,
+            tape,
+            calls: 0,
+        })
+    }
+
+    /// y·J for a flat (B, D) `y`.
+    pub fn vjp(&mut self, y: &Tensor) -> Result<Tensor> {
+        self.calls += 1;
+        let d_out = self.layout.unflatten(&y.contiguous()?)?;
+        self.layout.flatten(&self.cell.vjp(&self.tape, &d_out)?)
     }
 }

@@ -55,6 +55,12 @@ impl Conv2d {
     }
 
     /// The same convolution, optionally cut from the autodiff graph.
+    /// dL/dx for an input of `x_dims` given dL/dy, with the weights held fixed.
+    pub fn input_grad(&self, dy: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
+        let k = self.weight.dim(2)?;
+        mdeq_kernels::conv2d_input_grad(dy, &self.weight, self.stride, k / 2, x_dims)
+    }
+
     pub fn prepared(&self, detach: bool) -> Self {
         Self {
             weight: super::maybe_detach(&self.weight, detach),

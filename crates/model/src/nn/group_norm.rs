@@ -56,6 +56,17 @@ impl GroupNorm {
     }
 
     /// The same layer, optionally cut from the autodiff graph.
+    /// dL/dx at input `x` given dL/dy, with γ and β held fixed.
+    pub fn input_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        mdeq_kernels::group_norm_input_grad(
+            x,
+            self.groups,
+            self.affine.as_ref().map(|(g, _)| g),
+            self.eps,
+            dy,
+        )
+    }
+
     pub fn prepared(&self, detach: bool) -> Self {
         Self {
             groups: self.groups,

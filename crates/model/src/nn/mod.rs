@@ -11,7 +11,7 @@ pub use batch_norm::BatchNorm2d;
 pub use conv::Conv2d;
 pub use dropout::variational_dropout_mask;
 pub use group_norm::GroupNorm;
-pub use upsample::{bilinear_resize, nearest_upsample};
+pub use upsample::{bilinear_resize, nearest_upsample, nearest_upsample_grad};
 pub use weight_norm::CellConv;
 
 use candle_core::Tensor;

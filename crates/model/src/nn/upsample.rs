@@ -20,6 +20,15 @@ pub fn nearest_upsample(x: &Tensor, factor: usize) -> Result<Tensor> {
 }
 
 /// The (out, in) matrix of 1-D linear interpolation weights, PyTorch's convention.
+/// The adjoint of [`nearest_upsample`]: each `factor`×`factor` block of `dy` summed.
+pub fn nearest_upsample_grad(dy: &Tensor, factor: usize) -> Result<Tensor> {
+    if factor == 1 {
+        return Ok(dy.clone());
+    }
+    // The block mean times factor² (a power of two here, so the rescaling is exact).
+    dy.avg_pool2d(factor)? * (factor * factor) as f64
+}
+
 pub fn interpolation_matrix(n_in: usize, n_out: usize, align_corners: bool) -> Vec<f64> {
     let mut m = vec![0.0; n_out * n_in];
     for i in 0..n_out {

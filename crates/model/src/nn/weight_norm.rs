@@ -62,13 +62,22 @@ impl CellConv {
         })
     }
 
+    fn weight(&self) -> Result<&Tensor> {
+        self.effective
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("CellConv used before prepared()".into()))
+    }
+
     /// Applies the convolution (stride 1, same padding). Call [`Self::prepared`] first.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self
-            .effective
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("CellConv used before prepared()".into()))?;
+        let w = self.weight()?;
         mdeq_kernels::conv2d(x, w, 1, w.dim(2)? / 2)
+    }
+
+    /// dL/dx for an input of `x_dims` given dL/dy, with the weights held fixed.
+    pub fn input_grad(&self, dy: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
+        let w = self.weight()?;
+        mdeq_kernels::conv2d_input_grad(dy, w, 1, w.dim(2)? / 2, x_dims)
     }
 }
 
