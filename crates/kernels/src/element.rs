@@ -3,7 +3,9 @@
 use candle_core::{CpuStorage, DType, Layout, Result};
 
 /// f32 or f64, with access to candle CPU storage.
-pub trait Element: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
+pub trait Element:
+    Copy + Default + Send + Sync + std::ops::AddAssign + std::ops::Mul<Output = Self> + 'static
+{
     /// Zero.
     const ZERO: Self;
     /// One.

@@ -12,8 +12,10 @@ mod parallel;
 
 pub mod conv2d;
 pub mod group_norm;
+pub mod low_rank;
 pub mod relu;
 
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use group_norm::{group_norm, group_norm_input_grad};
+pub use low_rank::low_rank_apply;
 pub use relu::{relu, relu_grad};

@@ -7,6 +7,7 @@
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};
 use candle_core::{Result, Tensor};
+use mdeq_kernels::low_rank_apply;
 use std::collections::VecDeque;
 
 /// Broyden-specific options.
@@ -35,22 +36,20 @@ struct LowRank {
 }
 
 impl LowRank {
+    fn halves(&self) -> (Vec<&Tensor>, Vec<&Tensor>) {
+        self.pairs.iter().map(|(u, v)| (u, v)).unzip()
+    }
+
     /// M x = −x + Σ u_k (v_k · x).
     fn matvec(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out = x.neg()?;
-        for (u, v) in &self.pairs {
-            out = (out + u.broadcast_mul(&dot(v, x)?)?)?;
-        }
-        Ok(out)
+        let (us, vs) = self.halves();
+        low_rank_apply(x, &us, &vs)
     }
 
     /// xᵀ M = −x + Σ (x · u_k) v_k.
     fn rmatvec(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out = x.neg()?;
-        for (u, v) in &self.pairs {
-            out = (out + v.broadcast_mul(&dot(x, u)?)?)?;
-        }
-        Ok(out)
+        let (us, vs) = self.halves();
+        low_rank_apply(x, &vs, &us)
     }
 
     fn push(&mut self, u: Tensor, v: Tensor) {

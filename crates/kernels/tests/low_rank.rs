@@ -1,0 +1,44 @@
+//! The fused low-rank product against its composition from candle ops.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::max_rel;
+use mdeq_kernels::low_rank::{composed, low_rank_apply};
+
+fn wave(rows: usize, d: usize, a: f64) -> Tensor {
+    let v: Vec<f64> = (0..rows * d).map(|i| (a * i as f64 + 0.4).sin()).collect();
+    Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn fused_low_rank_product_matches_candle_ops() {
+    // Odd widths (not multiples of the 8 lanes), one row, no pairs, many pairs.
+    for &(rows, d, k) in &[(1, 13, 1), (3, 37, 0), (5, 64, 4), (7, 1001, 19)] {
+        let x = wave(rows, d, 0.7);
+        let a: Vec<Tensor> = (0..k).map(|j| wave(rows, d, 1.1 + j as f64)).collect();
+        let b: Vec<Tensor> = (0..k)
+            .map(|j| wave(rows, d, 0.3 + j as f64 * 0.9))
+            .collect();
+        let (ar, br): (Vec<&Tensor>, Vec<&Tensor>) = (a.iter().collect(), b.iter().collect());
+        let reference = composed(&x, &ar, &br).unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-13), (DType::F32, 1e-5)] {
+            let cast = |ts: &[Tensor]| -> Vec<Tensor> {
+                ts.iter().map(|t| t.to_dtype(dtype).unwrap()).collect()
+            };
+            let (ac, bc) = (cast(&a), cast(&b));
+            let got = low_rank_apply(
+                &x.to_dtype(dtype).unwrap(),
+                &ac.iter().collect::<Vec<_>>(),
+                &bc.iter().collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let rel = max_rel(&got.to_dtype(DType::F64).unwrap(), &reference);
+            assert!(rel < tol, "{:?} {dtype:?}: {rel}", (rows, d, k));
+        }
+    }
+    let x = wave(2, 5, 0.1);
+    let y = wave(2, 6, 0.1);
+    assert!(low_rank_apply(&x, &[&y], &[&x]).is_err());
+    assert!(low_rank_apply(&x, &[&x], &[]).is_err());
+}
