@@ -188,7 +188,12 @@ enum Command {
         /// The PyTorch reference script.
         #[arg(long, default_value = "../shared/bench/torch_cell.py")]
         torch_script: String,
-        /// Only these figures (cell_forward, forward_backward, vjp, train_step), comma-separated.
+        /// Relative residual at which the `train_step_frozen` figure freezes a sample.
+        #[arg(long, default_value_t = 1e-3)]
+        freeze_eps: f64,
+        /// Only these figures, comma-separated: cell_forward, forward_backward, vjp, train_step,
+        /// train_step_frozen, train_step_{ift,ift_whole_batch,phantom,jfb,unrolled},
+        /// inference_per_image.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -271,9 +276,11 @@ fn run(cli: Cli) -> Result<()> {
             b_steps,
             compare_torch,
             torch_script,
+            freeze_eps,
             only,
         } => {
             let opts = mdeq::bench::BenchOptions {
+                freeze_eps,
                 fixture,
                 batch,
                 warmup,

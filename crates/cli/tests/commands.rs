@@ -270,3 +270,45 @@ fn segmentation_train_eval_predict() {
     }
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn bench_times_every_figure_and_ends_with_its_json_report() {
+    let fixture = format!(
+        "{}/../../../shared/fixtures/cls-tiny",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let stdout = mdeq(&[
+        "bench",
+        "--fixture",
+        &fixture,
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--f-steps",
+        "2",
+        "--b-steps",
+        "2",
+    ]);
+    let report = last_json(&stdout);
+    for figure in [
+        "cell_forward",
+        "forward_backward",
+        "vjp",
+        "train_step",
+        "train_step_frozen",
+        "train_step_ift",
+        "train_step_ift_whole_batch",
+        "train_step_phantom",
+        "train_step_jfb",
+        "train_step_unrolled",
+        "inference_per_image",
+    ] {
+        let ms = report["mdeq"][figure].as_f64();
+        assert!(ms.is_some_and(|t| t > 0.0), "{figure}: {ms:?}");
+    }
+    // Without --compare-torch there is nothing to compare with.
+    assert_eq!(report["ratio"], serde_json::json!({}));
+}

@@ -14,8 +14,10 @@ pub mod conv2d;
 pub mod group_norm;
 pub mod low_rank;
 pub mod relu;
+pub mod row_norms;
 
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use group_norm::{group_norm, group_norm_input_grad};
 pub use low_rank::low_rank_apply;
 pub use relu::{relu, relu_grad};
+pub use row_norms::row_sq_norms;

@@ -3,6 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use mdeq_deq::{
+    adjoint, BackwardMode, Coupling, FixedPointMap, SolverKind, SolverOptions, SolverStats,
+    StopMode,
+};
 use mdeq_model::cell::solver_map::{CellMap, CellVjp};
 use mdeq_model::{ExperimentConfig, Mdeq};
 use serde_json::{json, Map, Value};
@@ -25,6 +29,8 @@ pub struct BenchOptions {
     pub f_steps: usize,
     /// Plain backward iterations in the train-step stand-in.
     pub b_steps: usize,
+    /// Relative tolerance at which `train_step_frozen` freezes a sample.
+    pub freeze_eps: f64,
     /// Figures to time (empty: all).
     pub only: Vec<String>,
 }
@@ -197,44 +203,79 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
         ));
     }
 
-    if opts.wants("train_step") {
-        out.push((
-            "train_step",
-            time_it(warm.min(1), reps.min(5), || {
-                let cell = model.cell().prepared(false)?;
-                let detached = model.cell().prepared(true)?;
-                let mut zs: Vec<Tensor> = shapes
-                    .iter()
-                    .map(|&s| Tensor::zeros(s, DType::F32, &Device::Cpu))
-                    .collect::<candle_core::Result<_>>()?;
+    // torch_cell.py's training step: plain iteration at fixed counts; `freeze` runs the same
+    // iterations with per-sample freezing at that relative tolerance (converged samples leave
+    // the batch of the forward solve and stop being updated in the backward one).
+    let stand_in_step = |freeze: Option<f64>| -> Result<Option<SolverStats>> {
+        let cell = model.cell().prepared(false)?;
+        let detached = model.cell().prepared(true)?;
+        let map = CellMap {
+            cell: &detached,
+            injection: &x,
+            masks: &masks,
+            layout: &layout,
+        };
+        let zeros = Tensor::zeros((b, layout.size()), DType::F32, &Device::Cpu)?;
+        let plain = SolverKind::FixedPoint { tau: 1.0 };
+        let options = |threshold: usize, eps: f64| SolverOptions {
+            threshold,
+            eps,
+            stop_mode: StopMode::Rel,
+            coupling: Coupling::PerSample,
+        };
+        let (zstar, stats) = match freeze {
+            Some(eps) => {
+                let sol =
+                    plain.solve(&mut CellMap { ..map }, &zeros, &options(opts.f_steps, eps))?;
+                (sol.z, Some(sol.stats))
+            }
+            None => {
+                let mut z = zeros;
                 for _ in 0..opts.f_steps {
-                    zs = detached.forward(&zs, &x, &masks)?;
+                    z = CellMap { ..map }.apply(&z)?;
                 }
-                let zstar = layout.flatten(&zs)?;
-                let zleaf = Var::from_tensor(&zstar)?;
-                let outp = layout.flatten(&cell.forward(
-                    &layout.unflatten(zleaf.as_tensor())?,
-                    &x,
-                    &masks,
-                )?)?;
-                let map = CellMap {
-                    cell: &detached,
-                    injection: &x,
-                    masks: &masks,
-                    layout: &layout,
-                };
-                let mut recorded = CellVjp::record(&map, &zstar)?;
+                (z, None)
+            }
+        };
+        let zleaf = Var::from_tensor(&zstar)?;
+        let outp =
+            layout.flatten(&cell.forward(&layout.unflatten(zleaf.as_tensor())?, &x, &masks)?)?;
+        let mut recorded = CellVjp::record(&map, &zstar)?;
+        let y = match freeze {
+            Some(eps) => {
+                let mut vjp = |y: &Tensor| recorded.vjp(y);
+                let opts = options(opts.b_steps, eps);
+                adjoint(&BackwardMode::Ift, &mut vjp, &v_flat, &plain, &opts)?.0
+            }
+            None => {
                 let mut y = v_flat.clone();
                 for _ in 0..opts.b_steps {
                     y = (recorded.vjp(&y)? + &v_flat)?;
                 }
-                let g = (outp * y)?.sum_all()?.backward()?;
-                if params.iter().any(|p| g.get(p).is_none()) {
-                    bail!("train_step: a parameter gradient is missing");
-                }
+                y
+            }
+        };
+        let g = (outp * y)?.sum_all()?.backward()?;
+        if params.iter().any(|p| g.get(p).is_none()) {
+            bail!("train_step: a parameter gradient is missing");
+        }
+        Ok(stats)
+    };
+    for (name, freeze) in [
+        ("train_step", None),
+        ("train_step_frozen", Some(opts.freeze_eps)),
+    ] {
+        if opts.wants(name) {
+            let mut stats = None;
+            let t = time_it(warm.min(1), reps.min(5), || {
+                stats = stand_in_step(freeze)?;
                 Ok(())
-            })?,
-        ));
+            })?;
+            if let Some(s) = &stats {
+                eprintln!("{}", training::describe(name, s, b));
+            }
+            out.push((name, t));
+        }
     }
     out.extend(training::figures(&model, &cfg, opts, (input[2], input[3]))?);
     Ok(out)

@@ -34,7 +34,7 @@ fn labels(task: Task, batch: usize, classes: usize, hw: (usize, usize)) -> Resul
 
 /// How much of the whole-batch work the forward solve did: mean steps and evaluated samples
 /// over evaluations × batch.
-fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
+pub fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
     let share = stats.sample_evaluations as f64 / (stats.evaluations * batch).max(1) as f64;
     format!(
         "{name}: forward solve {} steps, {} of {} samples converged, f evaluated on {:.0}% of the \

@@ -22,7 +22,7 @@ pub struct ResidualTracker {
 }
 
 fn per_sample_sq_norms(t: &Tensor) -> Result<Vec<f64>> {
-    t.to_dtype(DType::F64)?.sqr()?.sum(1)?.to_vec1::<f64>()
+    mdeq_kernels::row_sq_norms(t)
 }
 
 impl ResidualTracker {

@@ -1,10 +1,12 @@
-//! The fused low-rank product against its composition from candle ops.
+//! The solvers' fused vector algebra (low-rank products, row norms) against its composition from
+//! candle ops.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_rel;
 use mdeq_kernels::low_rank::{composed, low_rank_apply};
+use mdeq_kernels::row_sq_norms;
 
 fn wave(rows: usize, d: usize, a: f64) -> Tensor {
     let v: Vec<f64> = (0..rows * d).map(|i| (a * i as f64 + 0.4).sin()).collect();
@@ -41,4 +43,22 @@ fn fused_low_rank_product_matches_candle_ops() {
     let y = wave(2, 6, 0.1);
     assert!(low_rank_apply(&x, &[&y], &[&x]).is_err());
     assert!(low_rank_apply(&x, &[&x], &[]).is_err());
+}
+
+#[test]
+fn row_norms_match_candle_ops() {
+    for &(rows, d) in &[(1, 5), (4, 8), (3, 1001)] {
+        let t = (wave(rows, d, 0.9) * 1e3).unwrap();
+        let reference = t.sqr().unwrap().sum(1).unwrap().to_vec1::<f64>().unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-14), (DType::F32, 1e-6)] {
+            let got = row_sq_norms(&t.to_dtype(dtype).unwrap()).unwrap();
+            for (g, r) in got.iter().zip(&reference) {
+                assert!(
+                    (g - r).abs() <= tol * r,
+                    "{:?} {dtype:?}: {g} vs {r}",
+                    (rows, d)
+                );
+            }
+        }
+    }
 }
