@@ -7,10 +7,9 @@
 //! track float64 ones closely (candle reduces float32 sequentially).
 
 use crate::element::Element;
+use crate::norm_common::{grad_sums, sum_by, Backward, Forward, FusedNorm};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{DType, Device, Layout, Result, Tensor, D};
 use multiversion::multiversion;
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance; `affine` is (γ, β) of shape (C).
@@ -28,7 +27,7 @@ pub fn group_norm(
     if !fast {
         return composed(x, groups, affine, eps);
     }
-    let op = GroupNormOp { groups, eps };
+    let op = Forward(GroupNormOp { groups, eps });
     let x = x.contiguous()?;
     match affine {
         None => x.apply_op1(op),
@@ -74,15 +73,7 @@ pub fn group_norm_input_grad(
             None => x.zeros_like(),
         };
     }
-    let op = GroupNormOp { groups, eps };
-    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-    let grads = match gamma {
-        None => x.apply_op2_no_bwd(&dy, &Backward { op })?,
-        Some(g) => {
-            x.apply_op3_no_bwd(&g.to_dtype(x.dtype())?.contiguous()?, &dy, &Backward { op })?
-        }
-    };
-    grads.narrow(0, 0, x.elem_count())?.reshape(x.shape())
+    Backward(GroupNormOp { groups, eps }).input_grad(x, gamma, dy)
 }
 
 /// The same computation from candle ops (other devices and dtypes).
@@ -113,45 +104,6 @@ struct GroupNormOp {
     eps: f64,
 }
 
-/// Independent partial sums per reduction, so that the loops below vectorise (a single running
-/// float sum is a serial dependency chain the compiler may not reorder).
-const LANES: usize = 8;
-
-/// Σ f(x) in f64 over `x`, in [`LANES`] partial sums.
-#[inline(always)]
-fn sum_by<T: Element>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += f(v.to_f64());
-        }
-    }
-    acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64())).sum::<f64>()
-}
-
-/// (Σ dy, Σ dy·x̂) in f64 with x̂ = (x − mean)·rstd, in [`LANES`] partial sums each.
-#[inline(always)]
-fn grad_sums<T: Element>(dy: &[T], x: &[T], mean: f64, rstd: f64) -> (f64, f64) {
-    let (mut s_dy, mut s_dyx) = ([0f64; LANES], [0f64; LANES]);
-    let (dc, xc) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
-    let tail = dc.remainder().iter().zip(xc.remainder());
-    for (d, v) in dc.zip(xc) {
-        for l in 0..LANES {
-            let d = d[l].to_f64();
-            s_dy[l] += d;
-            s_dyx[l] += d * (v[l].to_f64() - mean) * rstd;
-        }
-    }
-    let (mut a, mut b) = (s_dy.iter().sum::<f64>(), s_dyx.iter().sum::<f64>());
-    for (d, v) in tail {
-        a += d.to_f64();
-        b += d.to_f64() * (v.to_f64() - mean) * rstd;
-    }
-    (a, b)
-}
-
 /// (mean, 1/σ) of one group.
 #[inline(always)]
 fn stats<T: Element>(x: &[T], eps: f64) -> (f64, f64) {
@@ -162,18 +114,18 @@ fn stats<T: Element>(x: &[T], eps: f64) -> (f64, f64) {
 }
 
 impl GroupNormOp {
-    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        Ok((b, c, h * w, c / self.groups))
+    /// (B, C, H·W, channels per group); the shape was checked when the op was built.
+    fn dims(&self, l: &Layout) -> (usize, usize, usize, usize) {
+        let d = l.dims();
+        (d[0], d[1], d[2] * d[3], d[1] / self.groups)
     }
+}
 
-    fn forward<T: Element>(
-        &self,
-        x: &[T],
-        affine: Option<(&[T], &[T])>,
-        dims: (usize, usize, usize, usize),
-    ) -> Vec<T> {
-        let (b, c, hw, cpg) = dims;
+impl FusedNorm for GroupNormOp {
+    const NAME: &'static str = "mdeq-group-norm";
+
+    fn forward<T: Element>(&self, x: &[T], affine: Option<(&[T], &[T])>, l: &Layout) -> Vec<T> {
+        let (b, c, hw, cpg) = self.dims(l);
         let group_len = cpg * hw;
         // Every group writes all of its elements.
         let mut y = uninit_vec::<T>(b * c * hw);
@@ -190,15 +142,8 @@ impl GroupNormOp {
         y
     }
 
-    /// dx followed by dγ and dβ (2·C values) in one buffer.
-    fn backward<T: Element>(
-        &self,
-        x: &[T],
-        gamma: Option<&[T]>,
-        dy: &[T],
-        dims: (usize, usize, usize, usize),
-    ) -> Vec<T> {
-        let (b, c, hw, cpg) = dims;
+    fn backward<T: Element>(&self, x: &[T], gamma: Option<&[T]>, dy: &[T], l: &Layout) -> Vec<T> {
+        let (b, c, hw, cpg) = self.dims(l);
         let group_len = cpg * hw;
         // dx is written in full by the groups, the 2·C tail after the loop.
         let mut out = uninit_vec::<T>(b * c * hw + 2 * c);
@@ -294,142 +239,5 @@ fn backward_group<T: Element>(
         for ((o, d), v) in oc.iter_mut().zip(dc).zip(xc) {
             *o = T::from_f64(d.to_f64() * a + v.to_f64() * c + e);
         }
-    }
-}
-
-macro_rules! for_float {
-    ($s:expr, $t:ident => $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                $body
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                $body
-            }
-            _ => candle_core::bail!("group_norm: f32 and f64 only"),
-        }
-    };
-}
-
-impl CustomOp1 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "mdeq-group-norm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = self.dims(l)?;
-        let out = for_float!(s, T => T::storage(self.forward(T::slice(s, l)?, None, dims)));
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let grads = x.apply_op2_no_bwd(&dy.contiguous()?, &Backward { op: *self })?;
-        Ok(Some(
-            grads.narrow(0, 0, x.elem_count())?.reshape(x.shape())?,
-        ))
-    }
-}
-
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "mdeq-group-norm-affine"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = self.dims(l1)?;
-        if l2.shape().elem_count() != dims.1 || l3.shape().elem_count() != dims.1 {
-            candle_core::bail!("group_norm: affine parameters must have {} entries", dims.1);
-        }
-        let out = for_float!(s1, T => T::storage(self.forward(T::slice(s1, l1)?, Some((T::slice(s2, l2)?, T::slice(s3, l3)?)), dims)));
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grads = x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &Backward { op: *self })?;
-        let (n, c) = (x.elem_count(), gamma.elem_count());
-        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = grads.narrow(0, n, c)?.reshape(gamma.shape())?;
-        let dbeta = grads.narrow(0, n + c, c)?.reshape(gamma.shape())?;
-        Ok((
-            Some(dx),
-            gamma.track_op().then_some(dgamma),
-            beta.track_op().then_some(dbeta),
-        ))
-    }
-}
-
-/// (x, [γ,] dy) → dx ‖ dγ ‖ dβ, flat.
-struct Backward {
-    op: GroupNormOp,
-}
-
-impl Backward {
-    fn run(
-        &self,
-        x: (&CpuStorage, &Layout),
-        gamma: Option<(&CpuStorage, &Layout)>,
-        dy: (&CpuStorage, &Layout),
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = self.op.dims(dy.1)?;
-        let n = dy.1.shape().elem_count();
-        let out = for_float!(x.0, T => {
-            let gamma = match gamma {
-                Some((s, l)) => Some(T::slice(s, l)?),
-                None => None,
-            };
-            T::storage(self.op.backward(T::slice(x.0, x.1)?, gamma, T::slice(dy.0, dy.1)?, dims))
-        });
-        Ok((out, Shape::from(n + 2 * dims.1)))
-    }
-}
-
-impl candle_core::CustomOp2 for Backward {
-    fn name(&self) -> &'static str {
-        "mdeq-group-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), None, (s2, l2))
-    }
-}
-
-impl CustomOp3 for Backward {
-    fn name(&self) -> &'static str {
-        "mdeq-group-norm-affine-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), Some((s2, l2)), (s3, l3))
     }
 }

@@ -10,9 +10,11 @@ mod gemm_ops;
 mod im2col;
 mod parallel;
 
+pub mod batch_norm;
 pub mod conv2d;
 pub mod group_norm;
 pub mod low_rank;
+mod norm_common;
 pub mod relu;
 pub mod row_norms;
 

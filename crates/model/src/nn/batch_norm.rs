@@ -58,6 +58,14 @@ impl BatchNorm2d {
                 .reshape((1, c, 1, 1))?;
             return self.normalise(x, &mean, &var);
         }
+        if mdeq_kernels::batch_norm::supported(x) {
+            let (mean, var) = mdeq_kernels::batch_norm::channel_moments(x)?;
+            let (b, c, h, w) = x.dims4()?;
+            let stats = |v: Vec<f64>| Tensor::from_vec(v, c, x.device());
+            self.update_running(&stats(mean)?, &stats(var)?, b * h * w)?;
+            let affine = self.affine.as_ref().map(|(g, b)| (g, b));
+            return mdeq_kernels::batch_norm::batch_norm_train(x, affine, self.eps);
+        }
         if x.dtype() == DType::F64 {
             return self.forward_batch_stats(x);
         }
@@ -69,22 +77,30 @@ impl BatchNorm2d {
 
     fn forward_batch_stats(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
-        let stats_dtype = self.running_mean.dtype();
         let mean = x.mean_keepdim((0, 2, 3))?;
         let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
-        let n = (b * h * w) as f64;
+        self.update_running(
+            &mean.detach().flatten_all()?,
+            &var.detach().flatten_all()?,
+            b * h * w,
+        )?;
+        self.normalise(x, &mean, &var)
+    }
+
+    /// PyTorch's momentum update from a batch's per-channel mean and biased variance over `n`
+    /// values (the running variance takes the unbiased one).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        let stats_dtype = self.running_mean.dtype();
+        let n = n as f64;
         let m = self.momentum;
-        let batch_mean = mean.detach().flatten_all()?.to_dtype(stats_dtype)?;
-        let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?
-            .flatten_all()?
-            .to_dtype(stats_dtype)?;
+        let batch_mean = mean.to_dtype(stats_dtype)?;
+        let unbiased = (var.to_dtype(stats_dtype)? * (n / (n - 1.0).max(1.0)))?;
         self.running_mean
             .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (batch_mean * m)?)?)?;
         self.running_var
             .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
         self.num_batches_tracked
-            .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)?;
-        self.normalise(x, &mean, &var)
+            .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)
     }
 
     fn normalise(&self, x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
