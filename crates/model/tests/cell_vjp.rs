@@ -18,6 +18,7 @@ expansion_factor = 2
 num_groups = 2
 downsample_times = 0
 dropout = 0.25
+post_gn_affine = POST_AFFINE
 num_layers = 3
 num_classes = 5
 image_size = [8, 8]
@@ -59,8 +60,9 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     d / s.max(1e-30)
 }
 
-fn check(dtype: DType, autograd_tol: f64) {
-    let cfg = ExperimentConfig::from_toml_str(RECIPE, "test").unwrap();
+fn check(dtype: DType, autograd_tol: f64, post_affine: bool) {
+    let recipe = RECIPE.replace("POST_AFFINE", &post_affine.to_string());
+    let cfg = ExperimentConfig::from_toml_str(&recipe, "test").unwrap();
     let dev = Device::Cpu;
     let model = Mdeq::new(&cfg.model, dtype, &dev, 11).unwrap();
     let batch = 3;
@@ -135,10 +137,12 @@ fn check(dtype: DType, autograd_tol: f64) {
 
 #[test]
 fn hand_vjp_matches_autograd_and_finite_differences_in_f64() {
-    check(DType::F64, 1e-12);
+    check(DType::F64, 1e-12, false);
+    check(DType::F64, 1e-12, true);
 }
 
 #[test]
 fn hand_vjp_matches_autograd_in_f32() {
-    check(DType::F32, 1e-5);
+    check(DType::F32, 1e-5, false);
+    check(DType::F32, 1e-5, true);
 }
