@@ -1,5 +1,5 @@
 //! Train-mode BatchNorm (statistics of the batch, per channel over (B, H, W)) as one fused pass
-//! forward and one backward, with float64 accumulation, like [`crate::group_norm`].
+//! forward and one backward, with float64 accumulation, like [`crate::group_norm()`].
 //!
 //! Composed from candle ops (in float64, to match PyTorch's float32 statistics) it cost a float64
 //! copy of the input and a dozen strided reductions each way; in the stem and head it took a

@@ -2,8 +2,13 @@
 //!
 //! candle 0.11's CPU convolution reaches about a quarter of what two cores can do, and its input
 //! gradient (a direct transposed convolution) is 3–4× slower again; the implicit backward runs
-//! that input gradient once per solver step. [`conv2d`] runs forward, input gradient and weight
-//! gradient as im2col + gemm, multi-threaded over the batch. On other devices it defers to candle.
+//! that input gradient once per solver step. [`conv2d()`] runs forward, input gradient and weight
+//! gradient as im2col + gemm, multi-threaded over the batch. [`group_norm()`] and
+//! [`batch_norm::batch_norm_train`] are one fused pass each way with float64 statistics; the
+//! `*_input_grad` / [`relu_grad`] entry points serve hand-written VJPs; [`low_rank_apply`] and
+//! [`row_sq_norms`] are the solvers' vector algebra. Hot loops are compiled for the CPU's best
+//! SIMD level at run time (`multiversion`). On other devices and dtypes each entry point defers
+//! to candle.
 
 mod element;
 mod gemm_ops;

@@ -1,7 +1,10 @@
 //! Layers against independent references: hand computation and float64 finite differences.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mdeq_model::nn::{bilinear_resize, nearest_upsample, GroupNorm};
+use mdeq_model::nn::{bilinear_resize, nearest_upsample, BatchNorm2d, GroupNorm};
+use mdeq_model::params::ParamBuilder;
+use mdeq_model::ParamStore;
+use rand::SeedableRng;
 
 fn t(v: Vec<f64>, shape: (usize, usize, usize, usize)) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
@@ -146,4 +149,25 @@ fn group_norm_matches_hand_computation() {
         .forward(&x.to_dtype(DType::F32).unwrap())
         .unwrap();
     assert_eq!(non_affine.dtype(), DType::F32);
+}
+
+#[test]
+fn train_mode_batch_norm_matches_hand_computation_and_refuses_a_single_value() {
+    let mut store = ParamStore::new(DType::F64, &Device::Cpu);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let bn = BatchNorm2d::new(&mut ParamBuilder::new(&mut store, &mut rng), 1, false, 0.1).unwrap();
+    // One channel, values 1, 2, 3, 6 over (B = 2, H = 1, W = 2): mean 3, biased variance 3.5.
+    let x = t(vec![1.0, 2.0, 3.0, 6.0], (2, 1, 1, 2));
+    let y = bn.forward(&x, true).unwrap().flatten_all().unwrap();
+    let sd = (3.5f64 + 1e-5).sqrt();
+    for (got, v) in y.to_vec1::<f64>().unwrap().iter().zip([1.0, 2.0, 3.0, 6.0]) {
+        assert!((got - (v - 3.0) / sd).abs() < 1e-12, "{got}");
+    }
+    let err = bn.forward(&t(vec![5.0], (1, 1, 1, 1)), true).unwrap_err();
+    assert!(
+        err.to_string().contains("more than one value per channel"),
+        "{err}"
+    );
+    // Eval mode normalises a single value with the running statistics.
+    assert!(bn.forward(&t(vec![5.0], (1, 1, 1, 1)), false).is_ok());
 }

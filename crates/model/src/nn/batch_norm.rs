@@ -58,9 +58,17 @@ impl BatchNorm2d {
                 .reshape((1, c, 1, 1))?;
             return self.normalise(x, &mean, &var);
         }
+        let (b, _, h, w) = x.dims4()?;
+        if b * h * w < 2 {
+            // As PyTorch: one value per channel has no batch statistics to normalise with.
+            candle_core::bail!(
+                "BatchNorm in train mode needs more than one value per channel, got input {:?}",
+                x.dims()
+            );
+        }
         if mdeq_kernels::batch_norm::supported(x) {
             let (mean, var) = mdeq_kernels::batch_norm::channel_moments(x)?;
-            let (b, c, h, w) = x.dims4()?;
+            let c = x.dim(1)?;
             let stats = |v: Vec<f64>| Tensor::from_vec(v, c, x.device());
             self.update_running(&stats(mean)?, &stats(var)?, b * h * w)?;
             let affine = self.affine.as_ref().map(|(g, b)| (g, b));
