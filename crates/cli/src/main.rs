@@ -188,12 +188,15 @@ enum Command {
         /// The PyTorch reference script.
         #[arg(long, default_value = "../shared/bench/torch_cell.py")]
         torch_script: String,
+        /// Print only the JSON report (one line) on stdout.
+        #[arg(long)]
+        json: bool,
         /// Relative residual at which the `train_step_frozen` figure freezes a sample.
         #[arg(long, default_value_t = 1e-3)]
         freeze_eps: f64,
         /// Only these figures, comma-separated: cell_forward, forward_backward, vjp, train_step,
         /// train_step_frozen, train_step_{ift,ift_whole_batch,phantom,jfb,unrolled},
-        /// inference_per_image.
+        /// forward_solve, inference_per_image.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -276,6 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             b_steps,
             compare_torch,
             torch_script,
+            json,
             freeze_eps,
             only,
         } => {
@@ -302,8 +306,12 @@ fn run(cli: Cli) -> Result<()> {
                 torch_runs.push(mdeq::bench::run_torch(py, &torch_script, &opts, threads)?);
             }
             let report = mdeq::bench::report(&ours, &torch_runs);
+            if json {
+                println!("{report}");
+                return Ok(());
+            }
             println!(
-                "{:<18} {:>12} {:>12} {:>12} {:>8}",
+                "{:<26} {:>12} {:>12} {:>12} {:>8}",
                 "figure", "mdeq median", "mdeq min", "torch median", "ratio"
             );
             for (name, t) in &ours {
@@ -316,7 +324,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|v| format!("{v:.2}"))
                     .unwrap_or("-".into());
                 println!(
-                    "{name:<18} {:>12.2} {:>12.2} {torch:>12} {ratio:>8}",
+                    "{name:<26} {:>12.2} {:>12.2} {torch:>12} {ratio:>8}",
                     t.median_ms, t.min_ms
                 );
             }

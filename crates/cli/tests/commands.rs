@@ -272,7 +272,7 @@ fn segmentation_train_eval_predict() {
 }
 
 #[test]
-fn bench_times_every_figure_and_ends_with_its_json_report() {
+fn bench_times_every_figure_and_prints_its_json_report() {
     let fixture = format!(
         "{}/../../../shared/fixtures/cls-tiny",
         env!("CARGO_MANIFEST_DIR")
@@ -291,7 +291,9 @@ fn bench_times_every_figure_and_ends_with_its_json_report() {
         "2",
         "--b-steps",
         "2",
+        "--json",
     ]);
+    assert_eq!(stdout.lines().count(), 1, "--json prints the report alone");
     let report = last_json(&stdout);
     for figure in [
         "cell_forward",
@@ -304,6 +306,7 @@ fn bench_times_every_figure_and_ends_with_its_json_report() {
         "train_step_phantom",
         "train_step_jfb",
         "train_step_unrolled",
+        "forward_solve",
         "inference_per_image",
     ] {
         let ms = report["mdeq"][figure].as_f64();

@@ -9,7 +9,9 @@ use super::{randn, time_it, BenchOptions, Timing};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use mdeq_deq::{BackwardMode, SolverStats};
-use mdeq_model::equilibrium::{eval_forward, train_gradients, DeqRuntime, Phase};
+use mdeq_model::equilibrium::{
+    eval_forward, solve_equilibrium, train_gradients, DeqRuntime, Phase,
+};
 use mdeq_model::{ExperimentConfig, Mdeq, Task};
 use mdeq_train::loss::{classification_loss, segmentation_loss};
 use mdeq_train::optimizer::Optimizer;
@@ -109,6 +111,22 @@ pub fn figures(
             eprintln!("{}", describe(name, s, b));
         }
         out.push((name, timing));
+    }
+    if opts.wants("forward_solve") {
+        // The solve alone, as training runs it: detached cell, injection computed beforehand.
+        let injection = model.injection(&image, true)?;
+        let layout = model.layout(hw.0, hw.1);
+        let cell = model.cell().prepared(true)?;
+        let mut last_stats = None;
+        let t = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+            let (_, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, &base, None)?;
+            last_stats = Some(stats);
+            Ok(())
+        })?;
+        if let Some(s) = &last_stats {
+            eprintln!("{}", describe("forward_solve", s, b));
+        }
+        out.push(("forward_solve", t));
     }
     if opts.wants("inference_per_image") {
         let mut last_stats = None;
