@@ -5,25 +5,22 @@
 //! copy of the input and a dozen strided reductions each way; in the stem and head it took a
 //! quarter of a training step.
 
-use crate::element::Element;
-use crate::norm_common::{grad_sums, sum_by, Forward, FusedNorm};
+use crate::element::{fast_path, with_cpu_slices, Element};
+use crate::norm_common::{grad_sums, Forward, FusedNorm};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{DType, Device, Layout, Result, Tensor};
+use crate::reduce::sum_by;
+use candle_core::{DType, Layout, Result, Tensor};
 use multiversion::multiversion;
 
-/// True when the fused kernels handle `x` (CPU, f32 or f64).
-pub fn supported(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
-}
-
 /// (x − mean_c) / sqrt(var_c + eps) [· γ_c + β_c] with the biased mean and variance of each
-/// channel over (B, H, W); differentiable in x, γ and β. CPU f32/f64 only (see [`supported`]).
+/// channel over (B, H, W); differentiable in x, γ and β. CPU f32/f64 only (see
+/// [`crate::fast_path`]).
 pub fn batch_norm_train(
     x: &Tensor,
     affine: Option<(&Tensor, &Tensor)>,
     eps: f64,
 ) -> Result<Tensor> {
-    if !supported(x) {
+    if !fast_path(x) {
         candle_core::bail!("batch_norm_train: CPU f32/f64 only, got {:?}", x.dtype());
     }
     let c = x.dim(1)?;
@@ -48,32 +45,28 @@ pub fn batch_norm_train(
 /// statistics). CPU f32/f64 only.
 pub fn channel_moments(x: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
     let (b, c, h, w) = x.dims4()?;
+    if !fast_path(x) {
+        candle_core::bail!("channel_moments: CPU f32/f64 only, got {:?}", x.dtype());
+    }
     let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("channel_moments: CPU only");
-    };
-    let mut out = vec![0f64; 2 * c];
-    let ptr = Shared(out.as_mut_ptr());
-    macro_rules! run {
-        ($t:ty) => {{
-            let v = <$t as Element>::slice(s, layout)?;
-            for_each_chunk(c, |range| {
-                for ch in range {
-                    let (mean, rstd) = channel_stats(v, b, c, h * w, ch, 0.0);
-                    // SAFETY: channel ch owns out[2ch..2ch+2].
-                    let o = unsafe { ptr.slice(2 * ch, 2) };
-                    (o[0], o[1]) = (mean, 1.0 / (rstd * rstd));
-                }
-            });
-        }};
-    }
+    let dims = (b, c, h * w);
     match x.dtype() {
-        DType::F32 => run!(f32),
-        DType::F64 => run!(f64),
-        other => candle_core::bail!("channel_moments: f32/f64 only, got {other:?}"),
+        DType::F32 => with_cpu_slices::<f32, _>(&[&x], |s| all_moments(s[0], dims)),
+        _ => with_cpu_slices::<f64, _>(&[&x], |s| all_moments(s[0], dims)),
     }
-    Ok(out.chunks_exact(2).map(|p| (p[0], p[1])).unzip())
+}
+
+/// (means, variances) of every channel.
+fn all_moments<T: Element>(x: &[T], (b, c, hw): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
+    let mut out = vec![(0f64, 0f64); c];
+    let ptr = Shared(out.as_mut_ptr());
+    for_each_chunk(c, |range| {
+        for ch in range {
+            // SAFETY: channel ch owns out[ch].
+            unsafe { ptr.slice(ch, 1)[0] = moments(x, b, c, hw, ch) };
+        }
+    });
+    out.into_iter().unzip()
 }
 
 /// The `hw`-long slices of channel `ch`, one per sample.
@@ -81,16 +74,9 @@ fn channel<T>(x: &[T], b: usize, c: usize, hw: usize, ch: usize) -> impl Iterato
     (0..b).map(move |s| &x[(s * c + ch) * hw..(s * c + ch + 1) * hw])
 }
 
-/// (mean, 1/sqrt(var + eps)) of channel `ch` over the batch.
+/// (mean, biased variance) of channel `ch` over the batch.
 #[multiversion(targets = "simd")]
-fn channel_stats<T: Element>(
-    x: &[T],
-    b: usize,
-    c: usize,
-    hw: usize,
-    ch: usize,
-    eps: f64,
-) -> (f64, f64) {
+fn moments<T: Element>(x: &[T], b: usize, c: usize, hw: usize, ch: usize) -> (f64, f64) {
     let n = (b * hw) as f64;
     let mean = channel(x, b, c, hw, ch)
         .map(|s| sum_by(s, |v| v))
@@ -100,6 +86,19 @@ fn channel_stats<T: Element>(
         .map(|s| sum_by(s, |v| (v - mean) * (v - mean)))
         .sum::<f64>()
         / n;
+    (mean, var)
+}
+
+/// (mean, 1/sqrt(var + eps)) of channel `ch` over the batch.
+fn channel_stats<T: Element>(
+    x: &[T],
+    b: usize,
+    c: usize,
+    hw: usize,
+    ch: usize,
+    eps: f64,
+) -> (f64, f64) {
+    let (mean, var) = moments(x, b, c, hw, ch);
     (mean, 1.0 / (var + eps).sqrt())
 }
 

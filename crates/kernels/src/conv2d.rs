@@ -1,19 +1,17 @@
 //! 2-D convolution (square kernel, zero padding, no dilation, one group) as three candle custom
 //! ops: forward, input gradient and weight gradient, each im2col + gemm over the batch.
 
-use crate::element::Element;
+use crate::element::{fast_path, Element};
 use crate::gemm_ops::{matmul, Op};
 use crate::im2col::{col2im, im2col, Geometry};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 /// y = conv2d(x, w) with stride `stride` and padding `padding`; uses the fast kernels for f32/f64
 /// on the CPU and candle's convolution elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let fast = matches!(x.device(), Device::Cpu)
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.dtype() == w.dtype();
+    let fast = fast_path(x) && x.dtype() == w.dtype();
     if !fast {
         return x.conv2d(w, padding, stride, 1, 1);
     }
@@ -39,9 +37,7 @@ pub fn conv2d_input_grad(
     padding: usize,
     x_dims: &[usize],
 ) -> Result<Tensor> {
-    let fast = matches!(dy.device(), Device::Cpu)
-        && matches!(dy.dtype(), DType::F32 | DType::F64)
-        && dy.dtype() == w.dtype();
+    let fast = fast_path(dy) && dy.dtype() == w.dtype();
     let (c_out, _, k, _) = w.dims4()?;
     let (_, g) = geometry(x_dims, k, stride, padding)?;
     if (dy.dim(1)?, dy.dim(2)?, dy.dim(3)?) != (c_out, g.h_out(), g.w_out()) {

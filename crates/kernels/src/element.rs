@@ -1,6 +1,6 @@
 //! The float types the kernels are written for.
 
-use candle_core::{CpuStorage, DType, Layout, Result};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
 /// f32 or f64, with access to candle CPU storage.
 pub trait Element:
@@ -53,3 +53,25 @@ macro_rules! element {
 
 element!(f32, F32, F32);
 element!(f64, F64, F64);
+
+/// True when the fast kernels handle `t`: CPU storage, f32 or f64. Everything else goes through
+/// candle's own ops.
+pub fn fast_path(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Runs `f` on the data of `tensors`, each contiguous, on the CPU and of dtype `T`.
+pub(crate) fn with_cpu_slices<T: Element, R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(T::slice(s, layout)?),
+            _ => candle_core::bail!("mdeq-kernels: expected CPU storage"),
+        }
+    }
+    Ok(f(&slices))
+}

@@ -6,10 +6,12 @@
 //! the implicit backward. The statistics are accumulated in float64 so that float32 results
 //! track float64 ones closely (candle reduces float32 sequentially).
 
+use crate::element::fast_path;
 use crate::element::Element;
-use crate::norm_common::{grad_sums, sum_by, Backward, Forward, FusedNorm};
+use crate::norm_common::{grad_sums, Backward, Forward, FusedNorm};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{DType, Device, Layout, Result, Tensor, D};
+use crate::reduce::sum_by;
+use candle_core::{Layout, Result, Tensor, D};
 use multiversion::multiversion;
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance; `affine` is (γ, β) of shape (C).
@@ -23,8 +25,7 @@ pub fn group_norm(
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
     }
-    let fast = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !fast {
+    if !fast_path(x) {
         return composed(x, groups, affine, eps);
     }
     let op = Forward(GroupNormOp { groups, eps });
@@ -59,10 +60,7 @@ pub fn group_norm_input_grad(
             dy.dims()
         );
     }
-    let fast = matches!(x.device(), Device::Cpu)
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.dtype() == dy.dtype();
-    if !fast {
+    if !(fast_path(x) && x.dtype() == dy.dtype()) {
         let xv = candle_core::Var::from_tensor(&x.detach())?;
         let beta = gamma.map(|g| g.zeros_like()).transpose()?;
         let affine = gamma.zip(beta.as_ref());
@@ -227,7 +225,7 @@ fn backward_group<T: Element>(
     let n = xs.len() as f64;
     let (m1, m2) = (s1 / n, s2 / n);
     // dx = rstd·(dy·γ − m1 − x̂·m2), expanded to dy·a + x·c + e per channel.
-    let c = -rstd * rstd * m2;
+    let (c, e) = (-rstd * rstd * m2, rstd * (mean * rstd * m2 - m1));
     for (k, ((oc, dc), xc)) in dxs
         .chunks_exact_mut(hw)
         .zip(dys.chunks_exact(hw))
@@ -235,7 +233,6 @@ fn backward_group<T: Element>(
         .enumerate()
     {
         let a = rstd * gamma.map_or(1.0, |g| g[first_ch + k].to_f64());
-        let e = rstd * (mean * rstd * m2 - m1);
         for ((o, d), v) in oc.iter_mut().zip(dc).zip(xc) {
             *o = T::from_f64(d.to_f64() * a + v.to_f64() * c + e);
         }

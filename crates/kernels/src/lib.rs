@@ -14,6 +14,7 @@ mod element;
 mod gemm_ops;
 mod im2col;
 mod parallel;
+mod reduce;
 
 pub mod batch_norm;
 pub mod conv2d;
@@ -24,6 +25,7 @@ pub mod relu;
 pub mod row_norms;
 
 pub use conv2d::{conv2d, conv2d_input_grad};
+pub use element::fast_path;
 pub use group_norm::{group_norm, group_norm_input_grad};
 pub use low_rank::low_rank_apply;
 pub use relu::{relu, relu_grad};

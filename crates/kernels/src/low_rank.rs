@@ -5,13 +5,11 @@
 //! product and a sum, each a fresh (B, D) tensor; here the k dot products and the k updates of
 //! one row run in one pass over each operand, rows spread over the threads.
 
-use crate::element::Element;
+use crate::element::{fast_path, with_cpu_slices, Element};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use crate::reduce::dot;
+use candle_core::{DType, Device, Result, Tensor};
 use multiversion::multiversion;
-
-/// Independent partial sums of a dot product, so that the loop vectorises.
-const LANES: usize = 8;
 
 /// −x + Σ_k a_k ⟨b_k, x⟩ per row; `a` and `b` hold k tensors shaped like `x` (B, D).
 pub fn low_rank_apply(x: &Tensor, a: &[&Tensor], b: &[&Tensor]) -> Result<Tensor> {
@@ -34,35 +32,30 @@ pub fn low_rank_apply(x: &Tensor, a: &[&Tensor], b: &[&Tensor]) -> Result<Tensor
             );
         }
     }
-    let fast = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !fast || a.is_empty() {
+    if !fast_path(x) || a.is_empty() {
         return composed(x, a, b);
     }
     let x = x.contiguous()?;
     let a: Vec<Tensor> = a.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
     let b: Vec<Tensor> = b.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let guards: Vec<_> = std::iter::once(&x)
-        .chain(&a)
-        .chain(&b)
-        .map(|t| t.storage_and_layout())
-        .collect();
-    macro_rules! run {
-        ($t:ty) => {{
-            let mut slices: Vec<&[$t]> = Vec::with_capacity(guards.len());
-            for (storage, layout) in &guards {
-                match &**storage {
-                    Storage::Cpu(s) => slices.push(<$t as Element>::slice(s, layout)?),
-                    _ => candle_core::bail!("low_rank_apply: expected CPU storage"),
-                }
-            }
-            let k = a.len();
-            let out = fused(slices[0], &slices[1..1 + k], &slices[1 + k..], rows, d);
-            Tensor::from_vec(out, (rows, d), &Device::Cpu)
-        }};
-    }
+    let all: Vec<&Tensor> = std::iter::once(&x).chain(&a).chain(&b).collect();
+    let k = a.len();
+    let shape = (rows, d);
     match x.dtype() {
-        DType::F32 => run!(f32),
-        _ => run!(f64),
+        DType::F32 => with_cpu_slices::<f32, _>(&all, |s| {
+            Tensor::from_vec(
+                fused(s[0], &s[1..1 + k], &s[1 + k..], rows, d),
+                shape,
+                &Device::Cpu,
+            )
+        })?,
+        _ => with_cpu_slices::<f64, _>(&all, |s| {
+            Tensor::from_vec(
+                fused(s[0], &s[1..1 + k], &s[1 + k..], rows, d),
+                shape,
+                &Device::Cpu,
+            )
+        })?,
     }
 }
 
@@ -100,21 +93,7 @@ fn row<T: Element>(
     coeffs: &mut [T],
 ) {
     for (c, bk) in coeffs.iter_mut().zip(b) {
-        let bk = &bk[span.clone()];
-        let mut acc = [0f64; LANES];
-        let (bc, xc) = (bk.chunks_exact(LANES), x.chunks_exact(LANES));
-        let tail: f64 = bc
-            .remainder()
-            .iter()
-            .zip(xc.remainder())
-            .map(|(p, q)| p.to_f64() * q.to_f64())
-            .sum();
-        for (p, q) in bc.zip(xc) {
-            for l in 0..LANES {
-                acc[l] += p[l].to_f64() * q[l].to_f64();
-            }
-        }
-        *c = T::from_f64(acc.iter().sum::<f64>() + tail);
+        *c = T::from_f64(dot(&bk[span.clone()], x));
     }
     for (o, v) in out.iter_mut().zip(x) {
         *o = T::from_f64(-v.to_f64());

@@ -1,27 +1,10 @@
-//! What the fused GroupNorm and BatchNorm kernels share: float64 sums written so that they
-//! vectorise, and the candle ops that wrap a normalisation's forward (x [, γ, β]) → y and its
+//! What the fused GroupNorm and BatchNorm kernels share: the float64 gradient sums, and the candle
+//! ops that wrap a normalisation's forward (x [, γ, β]) → y and its
 //! backward (x [, γ], dy) → dx ‖ dγ ‖ dβ.
 
 use crate::element::Element;
+use crate::reduce::LANES;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-
-/// Independent partial sums per reduction (a single running float sum is a serial dependency
-/// chain the compiler may not reorder, so it would not vectorise).
-pub(crate) const LANES: usize = 8;
-
-/// Σ f(x) in f64 over `x`, in [`LANES`] partial sums.
-#[inline(always)]
-pub(crate) fn sum_by<T: Element>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|v| f(v.to_f64())).sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += f(v.to_f64());
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
 
 /// (Σ dy, Σ dy·x̂) in f64 with x̂ = (x − mean)·rstd, in [`LANES`] partial sums each.
 #[inline(always)]

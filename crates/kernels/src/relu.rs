@@ -3,14 +3,14 @@
 //! candle's own `relu` back-propagates 1 at exactly 0; composing the PyTorch semantics from candle
 //! ops costs four passes each way.
 
-use crate::element::Element;
+use crate::element::{fast_path, Element};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
 /// max(x, 0) with d/dx = 1 for x > 0 and 0 otherwise.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if fast_path(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
         let positive = x.gt(0.0)?.to_dtype(x.dtype())?;
@@ -23,10 +23,7 @@ pub fn relu_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if x.dims() != dy.dims() {
         candle_core::bail!("relu_grad: x {:?} and dy {:?} differ", x.dims(), dy.dims());
     }
-    if matches!(x.device(), Device::Cpu)
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.dtype() == dy.dtype()
-    {
+    if fast_path(x) && x.dtype() == dy.dtype() {
         x.contiguous()?
             .apply_op2_no_bwd(&dy.contiguous()?, &ReluBackward)
     } else {

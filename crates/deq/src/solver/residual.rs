@@ -21,10 +21,6 @@ pub struct ResidualTracker {
     previous_f: Option<Tensor>,
 }
 
-fn per_sample_sq_norms(t: &Tensor) -> Result<Vec<f64>> {
-    mdeq_kernels::row_sq_norms(t)
-}
-
 impl ResidualTracker {
     /// Starts tracking from the initial guess `z0`; `rel_floor` is the solver's denominator guard
     /// (1e-9 for Broyden, 1e-5 for Anderson, as in the official code).
@@ -88,8 +84,8 @@ impl ResidualTracker {
     pub fn record(&mut self, candidate: &Tensor, residual: &Tensor, fx: &Tensor) -> Result<()> {
         self.stats.steps += 1;
         let step = self.stats.steps;
-        let r2 = per_sample_sq_norms(residual)?;
-        let f2 = per_sample_sq_norms(fx)?;
+        let r2 = mdeq_kernels::row_sq_norms(residual)?;
+        let f2 = mdeq_kernels::row_sq_norms(fx)?;
         let (abs, rel): (Vec<f64>, Vec<f64>) = match self.opts.coupling {
             Coupling::PerSample => r2
                 .iter()

@@ -140,6 +140,7 @@ impl MultiscaleCell {
                 } else {
                     None
                 };
+                // Branches ≥ 1 receive an all-zero injection; skipping the add changes nothing.
                 let (out, bt) =
                     block.forward_taped(&t, inj, masks.get(i).and_then(|m| m.as_ref()))?;
                 t = out;

@@ -66,7 +66,7 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        if mdeq_kernels::batch_norm::supported(x) {
+        if mdeq_kernels::fast_path(x) {
             let (mean, var) = mdeq_kernels::batch_norm::channel_moments(x)?;
             let c = x.dim(1)?;
             let stats = |v: Vec<f64>| Tensor::from_vec(v, c, x.device());
