@@ -91,7 +91,8 @@ fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-/// Times the four figures of torch_cell.py for our implementation.
+/// Times torch_cell.py's figures for our implementation, then our own whole-step figures
+/// ([`training::figures`]).
 pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
     let cfg = ExperimentConfig::load(&format!("{}/config.yaml", opts.fixture))?;
     let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
@@ -185,15 +186,15 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
         ));
     }
 
-    // The implicit backward's unit of work: a product through f recorded once at z.
-    let map = CellMap {
-        cell: &fixed,
-        injection: &x,
-        masks: &masks,
-        layout: &layout,
-    };
-    let mut recorded = CellVjp::record(&map, &layout.flatten(&z)?)?;
     if opts.wants("vjp") {
+        // The implicit backward's unit of work: a product through f recorded once at z.
+        let map = CellMap {
+            cell: &fixed,
+            injection: &x,
+            masks: &masks,
+            layout: &layout,
+        };
+        let mut recorded = CellVjp::record(&map, &layout.flatten(&z)?)?;
         out.push((
             "vjp",
             time_it(warm, reps, || {
@@ -266,14 +267,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
         ("train_step_frozen", Some(opts.freeze_eps)),
     ] {
         if opts.wants(name) {
-            let mut stats = None;
-            let t = time_it(warm.min(1), reps.min(5), || {
-                stats = stand_in_step(freeze)?;
-                Ok(())
-            })?;
-            if let Some(s) = &stats {
-                eprintln!("{}", training::describe(name, s, b));
-            }
+            let t = training::time_solver_figure(name, opts, || stand_in_step(freeze))?;
             out.push((name, t));
         }
     }

@@ -36,7 +36,7 @@ fn labels(task: Task, batch: usize, classes: usize, hw: (usize, usize)) -> Resul
 
 /// How much of the whole-batch work the forward solve did: mean steps and evaluated samples
 /// over evaluations × batch.
-pub fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
+fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
     let share = stats.sample_evaluations as f64 / (stats.evaluations * batch).max(1) as f64;
     format!(
         "{name}: forward solve {} steps, {} of {} samples converged, f evaluated on {:.0}% of the \
@@ -50,6 +50,24 @@ pub fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
         batch,
         100.0 * share
     )
+}
+
+/// Times a figure that runs a solver (fewer repeats: each takes a second or so) and prints what
+/// the forward solve of its last run did.
+pub(super) fn time_solver_figure(
+    name: &str,
+    opts: &BenchOptions,
+    mut run: impl FnMut() -> Result<Option<SolverStats>>,
+) -> Result<Timing> {
+    let mut last_stats = None;
+    let timing = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+        last_stats = run()?;
+        Ok(())
+    })?;
+    if let Some(s) = &last_stats {
+        eprintln!("{}", describe(name, s, opts.batch));
+    }
+    Ok(timing)
 }
 
 /// Times the training-step and inference figures the options ask for.
@@ -99,17 +117,12 @@ pub fn figures(
             continue;
         }
         let mut opt = Optimizer::new(&cfg.train, params.len());
-        let mut last_stats = None;
-        let timing = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+        let timing = time_solver_figure(name, opts, || {
             let g = train_gradients(model, &image, &masks, &loss_fn, rt, phase, None)?;
             let grads: Vec<Option<Tensor>> = g.grads.into_iter().map(|(_, t)| t).collect();
             opt.step(&params, &grads, 0.0)?;
-            last_stats = g.forward_stats;
-            Ok(())
+            Ok(g.forward_stats)
         })?;
-        if let Some(s) = &last_stats {
-            eprintln!("{}", describe(name, s, b));
-        }
         out.push((name, timing));
     }
     if opts.wants("forward_solve") {
@@ -117,27 +130,17 @@ pub fn figures(
         let injection = model.injection(&image, true)?;
         let layout = model.layout(hw.0, hw.1);
         let cell = model.cell().prepared(true)?;
-        let mut last_stats = None;
-        let t = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+        let t = time_solver_figure("forward_solve", opts, || {
             let (_, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, &base, None)?;
-            last_stats = Some(stats);
-            Ok(())
+            Ok(Some(stats))
         })?;
-        if let Some(s) = &last_stats {
-            eprintln!("{}", describe("forward_solve", s, b));
-        }
         out.push(("forward_solve", t));
     }
     if opts.wants("inference_per_image") {
-        let mut last_stats = None;
-        let t = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+        let t = time_solver_figure("inference_per_image", opts, || {
             let (_, _, stats) = eval_forward(model, &image, &base)?;
-            last_stats = Some(stats);
-            Ok(())
+            Ok(Some(stats))
         })?;
-        if let Some(s) = &last_stats {
-            eprintln!("{}", describe("inference_per_image", s, b));
-        }
         let per = |ms: f64| ms / b as f64;
         out.push((
             "inference_per_image",
