@@ -33,13 +33,18 @@ fn contraction(scale: f64) -> Vec<f64> {
     raw.iter().map(|x| x * scale / fro).collect()
 }
 
-fn linear_map(a: &[f64], b: &Tensor) -> impl FnMut(&Tensor) -> Result<Tensor> {
-    let at = Tensor::from_vec(a.to_vec(), (D, D), &Device::Cpu)
+/// Aᵀ of a row-major (D, D) matrix, so that the rows of z·Aᵀ are A z.
+fn transposed(a: &[f64]) -> Tensor {
+    Tensor::from_vec(a.to_vec(), (D, D), &Device::Cpu)
         .unwrap()
         .t()
         .unwrap()
         .contiguous()
-        .unwrap();
+        .unwrap()
+}
+
+fn linear_map(a: &[f64], b: &Tensor) -> impl FnMut(&Tensor) -> Result<Tensor> {
+    let at = transposed(a);
     let b = b.clone();
     move |z: &Tensor| z.matmul(&at)?.broadcast_add(&b)
 }
@@ -136,12 +141,7 @@ fn per_sample_answers_do_not_depend_on_the_batch() {
     let solve = |sample_rows: &[Vec<f64>]| {
         let n = sample_rows.len();
         let b = Tensor::from_vec(sample_rows.concat(), (n, D), &Device::Cpu).unwrap();
-        let at = Tensor::from_vec(a.clone(), (D, D), &Device::Cpu)
-            .unwrap()
-            .t()
-            .unwrap()
-            .contiguous()
-            .unwrap();
+        let at = transposed(&a);
         // b enters per sample, so batch composition changes each sample's neighbours only.
         let mut f = |z: &Tensor| z.matmul(&at)? + &b;
         let z0 = Tensor::zeros((n, D), DType::F64, &Device::Cpu).unwrap();
@@ -172,12 +172,7 @@ fn official_coupling_uses_whole_batch_norms() {
         &Device::Cpu,
     )
     .unwrap();
-    let at = Tensor::from_vec(a, (D, D), &Device::Cpu)
-        .unwrap()
-        .t()
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let at = transposed(&a);
     let mut f = |z: &Tensor| z.matmul(&at)? + &b;
     let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu).unwrap();
     let o = SolverOptions {
@@ -395,12 +390,7 @@ fn phantom_and_jfb_approach_ift_as_the_map_contracts() {
 #[test]
 fn graph_vjp_matches_the_transposed_jacobian_of_a_linear_map() {
     let a = contraction(0.7);
-    let at = Tensor::from_vec(a.clone(), (D, D), &Device::Cpu)
-        .unwrap()
-        .t()
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let at = transposed(&a);
     let z = Var::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
     let out = z.as_tensor().matmul(&at).unwrap();
     let mut g = GraphVjp::new(z, out);
@@ -459,12 +449,7 @@ impl FixedPointMap for RowwiseLinear {
 #[test]
 fn compaction_skips_converged_samples_without_changing_any_answer() {
     let a = contraction(0.95);
-    let at = Tensor::from_vec(a, (D, D), &Device::Cpu)
-        .unwrap()
-        .t()
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let at = transposed(&a);
     // Contraction factors from 0.1 to 0.95: the samples converge after very different counts.
     let scales = [0.1, 0.95, 0.4, 0.7];
     let n = scales.len();
@@ -581,12 +566,7 @@ fn capped_broyden_history_matches_a_plain_reference() {
             .map(|i| ((0..D).map(|j| a[i * D + j] * z[j]).sum::<f64>() + bias[i]).tanh())
             .collect()
     };
-    let at = Tensor::from_vec(a.clone(), (D, D), &Device::Cpu)
-        .unwrap()
-        .t()
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let at = transposed(&a);
     let b = Tensor::from_vec(bias.clone(), (1, D), &Device::Cpu).unwrap();
     let z0v: Vec<f64> = (0..D).map(|i| 0.1 * i as f64).collect();
     let z0 = Tensor::from_vec(z0v.clone(), (1, D), &Device::Cpu).unwrap();
