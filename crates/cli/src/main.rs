@@ -265,8 +265,8 @@ fn run(cli: Cli) -> Result<()> {
                 tol_rel,
                 dtype: precision.dtype(),
             };
-            let rows = parity::run(&cfg, &weights, &io, &opts)?;
-            if !parity::print_report(&rows) {
+            let report = parity::run(&cfg, &weights, &io, &opts)?;
+            if !parity::print_report(&report) {
                 bail!("parity check failed");
             }
         }

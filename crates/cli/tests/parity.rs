@@ -1,7 +1,7 @@
 //! `mdeq parity` on every fixture under ../shared/fixtures, for every weights format.
 
 use candle_core::{DType, Device, Tensor};
-use mdeq::parity::{run, ParityOptions, Row, Status};
+use mdeq::parity::{run, Centre, ParityOptions, Report, Row, Status};
 use mdeq_model::equilibrium::{train_gradients, DeqRuntime, Phase};
 use mdeq_model::{ExperimentConfig, Mdeq};
 
@@ -9,7 +9,7 @@ fn fixtures() -> String {
     format!("{}/../../../shared/fixtures", env!("CARGO_MANIFEST_DIR"))
 }
 
-fn parity(name: &str, weights: &str, dtype: DType) -> Vec<Row> {
+fn parity(name: &str, weights: &str, dtype: DType) -> Report {
     let dir = format!("{}/{name}", fixtures());
     let cfg = ExperimentConfig::load(&format!("{dir}/config.yaml")).unwrap();
     let opts = ParityOptions {
@@ -56,9 +56,17 @@ fn float32_model_matches_the_official_forward_from_every_weights_format() {
             "state_dict.pth",
             "state_dict_legacy.pth",
         ] {
-            let rows = parity(name, weights, DType::F32);
-            // The float32 parameter gradients are a known open item (about 1% off; float64 below).
-            let bad = failures(&rows, |n| n.starts_with("grad."));
+            let report = parity(name, weights, DType::F32);
+            let rows = &report.rows;
+            // Gradients are checked wherever the comparison is well posed in float32. On cls-tiny
+            // it is not (a head ReLU input sits within float32 rounding of its kink, shown by the
+            // probe and by `float32_gradients_at_cls_tiny_are_ill_conditioned_for_any_float32_head`);
+            // float64 checks every gradient below.
+            let grads_well_posed = report
+                .gradient_conditioning
+                .as_ref()
+                .is_none_or(|c| !c.ill_conditioned());
+            let bad = failures(rows, |n| n.starts_with("grad.") && !grads_well_posed);
             assert!(bad.is_empty(), "{name}/{weights}: {bad:?}");
             let checked = rows
                 .iter()
@@ -88,8 +96,9 @@ fn float32_model_matches_the_official_forward_from_every_weights_format() {
 #[test]
 fn float64_model_matches_every_reference_tensor_including_implicit_gradients() {
     for name in ["cls-tiny", "seg-tiny"] {
-        let rows = parity(name, "weights.safetensors", DType::F64);
-        let bad = failures(&rows, |_| false);
+        let report = parity(name, "weights.safetensors", DType::F64);
+        let rows = &report.rows;
+        let bad = failures(rows, |_| false);
         assert!(bad.is_empty(), "{name}: {bad:?}");
         let passed = rows
             .iter()
@@ -97,7 +106,13 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients() {
             .count();
         assert_eq!(passed, reference_count(name), "{name}");
     }
-    let rows = parity("cls-tiny", "weights.safetensors", DType::F64);
+    let report = parity("cls-tiny", "weights.safetensors", DType::F64);
+    let rows = &report.rows;
+    let probe = report
+        .gradient_conditioning
+        .expect("cls-tiny has a train path");
+    assert_eq!(probe.centre, Centre::Reference);
+    assert_eq!(probe.flagged, 0, "{}", probe.describe());
     assert_eq!(
         rows.iter().filter(|r| r.name.starts_with("grad.")).count(),
         58
@@ -108,6 +123,39 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients() {
             .count(),
         36
     );
+}
+
+/// At the reference equilibrium rounded to float32, random one-ulp moves of f(z*) land on both
+/// sides of a head ReLU kink, so float32 gradients can match the reference only by chance; float64
+/// (above) is well posed and matches to 1e-9. The float32 gradients are still checked for gross
+/// errors: one kink flip moves them by about 1%, a broken backward by O(1).
+#[test]
+fn float32_gradient_comparison_at_cls_tiny_is_ill_conditioned() {
+    let report = parity("cls-tiny", "weights.safetensors", DType::F32);
+    let probe = report
+        .gradient_conditioning
+        .expect("cls-tiny has a train path");
+    assert_eq!(probe.centre, Centre::Reference);
+    assert!(
+        probe.ill_conditioned() && probe.flagged < probe.trials,
+        "both sides of the kink within one ulp: {}",
+        probe.describe()
+    );
+    let grads: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.name.starts_with("grad."))
+        .collect();
+    assert_eq!(grads.len(), 58);
+    // Conv biases that feed a train-mode BatchNorm have zero gradient in theory (fixture README).
+    let zero_in_theory = ["grad.downsamp_modules.0.0.bias", "grad.final_layer.0.bias"];
+    for r in grads {
+        if zero_in_theory.contains(&r.name.as_str()) {
+            assert_eq!(r.status, Status::Pass, "{}", r.name);
+        } else {
+            assert!(r.max_rel_err < 5e-2, "{}: {:.3e}", r.name, r.max_rel_err);
+        }
+    }
 }
 
 #[test]

@@ -9,6 +9,12 @@ use mdeq_model::nn::bilinear_resize;
 use mdeq_model::{ExperimentConfig, Mdeq, Task};
 use std::collections::HashMap;
 
+mod conditioning;
+pub use conditioning::{perturb_by_one_ulp, probe_head_gradient, Centre, GradientConditioning};
+
+/// Random one-ulp perturbations of f(z*) the gradient-conditioning probe tries.
+const CONDITIONING_TRIALS: usize = 40;
+
 /// Outcome of one comparison.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
@@ -33,6 +39,16 @@ pub struct Row {
     pub tolerance: f64,
     /// Pass, fail or skipped.
     pub status: Status,
+}
+
+/// What `run` found: one row per reference tensor, and, where the reference has gradients, how
+/// well posed comparing them is in the precision we computed in.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// One row per reference tensor.
+    pub rows: Vec<Row>,
+    /// The head-gradient conditioning probe at our f(z*) (train path only).
+    pub gradient_conditioning: Option<GradientConditioning>,
 }
 
 /// Parity options.
@@ -146,9 +162,11 @@ impl Reference {
     fn get(&self, name: &str) -> Option<&Tensor> {
         self.tensors.get(name)
     }
-    fn branches(&self, prefix: &str) -> Vec<Tensor> {
+    /// `prefix.0`, `prefix.1`, … as `dtype`, until the first missing index.
+    fn branches(&self, prefix: &str, dtype: DType) -> candle_core::Result<Vec<Tensor>> {
         (0..)
-            .map_while(|i| self.tensors.get(&format!("{prefix}.{i}")).cloned())
+            .map_while(|i| self.tensors.get(&format!("{prefix}.{i}")))
+            .map(|t| t.to_dtype(dtype))
             .collect()
     }
     fn names_with(&self, prefix: &str) -> Vec<String> {
@@ -169,7 +187,7 @@ pub fn run(
     weights: &str,
     io: &str,
     opts: &ParityOptions,
-) -> Result<Vec<Row>> {
+) -> Result<Report> {
     let device = Device::Cpu;
     let model = Mdeq::new(&config.model, opts.dtype, &device, 0)?;
     let state = mdeq_checkpoint::read_state_dict(weights)?;
@@ -180,6 +198,7 @@ pub fn run(
     let task = config.model.task;
     let cast = |t: &Tensor| t.to_dtype(opts.dtype);
     let mut rows = Vec::new();
+    let mut gradient_conditioning = None;
     let check = |rows: &mut Vec<Row>, name: &str, ours: &Tensor| -> Result<()> {
         if let Some(r) = reference.get(name) {
             rows.push(compare(name, ours, r, task, opts.tol_rel)?);
@@ -198,11 +217,7 @@ pub fn run(
     for (i, t) in injection.iter().enumerate() {
         check(&mut rows, &format!("injection.{i}"), t)?;
     }
-    let z0: Vec<Tensor> = reference
-        .branches("z0")
-        .iter()
-        .map(cast)
-        .collect::<candle_core::Result<_>>()?;
+    let z0 = reference.branches("z0", opts.dtype)?;
     if !z0.is_empty() {
         let cell = model.cell().prepared(true)?;
         let masks = model.dropout_masks(x.dim(0)?, false, &mut rand::thread_rng())?;
@@ -211,11 +226,7 @@ pub fn run(
             check(&mut rows, &format!("f_z0.{i}"), t)?;
         }
     }
-    let zstar_ref: Vec<Tensor> = reference
-        .branches("zstar")
-        .iter()
-        .map(cast)
-        .collect::<candle_core::Result<_>>()?;
+    let zstar_ref = reference.branches("zstar", opts.dtype)?;
     if !zstar_ref.is_empty() {
         let logits = model.head(&zstar_ref, false)?;
         let (_, _, h, w) = x.dims4()?;
@@ -302,6 +313,27 @@ pub fn run(
                 e.var.as_tensor(),
             )?;
         }
+        // After the running statistics were checked: the probe runs the head in train mode.
+        // Centred on the reference equilibrium where there is one (a converged z* is f(z*) to
+        // within the solve's residual), so the verdict is about the reference problem, not about
+        // where our solve happened to land.
+        let reference_zstar = reference.branches("train.zstar", opts.dtype)?;
+        let (out, centre) = if reference_zstar.len() == g.zstar.len() {
+            (reference_zstar, Centre::Reference)
+        } else {
+            let cell = model.cell().prepared(true)?;
+            (cell.forward(&g.zstar, &g.injection, &masks)?, Centre::Ours)
+        };
+        let (grad_rtol, _) = tolerance_for("grad.", task, false);
+        gradient_conditioning = Some(probe_head_gradient(
+            &model,
+            &out,
+            &loss_fn,
+            centre,
+            CONDITIONING_TRIALS,
+            0.1 * opts.tol_rel.unwrap_or(grad_rtol),
+            0,
+        )?);
         if let Some(b) = &g.backward_stats {
             eprintln!(
                 "train backward: {} steps, lowest residual {:.3e}",
@@ -323,7 +355,10 @@ pub fn run(
             ));
         }
     }
-    Ok(rows)
+    Ok(Report {
+        rows,
+        gradient_conditioning,
+    })
 }
 
 /// The official solver, whole-batch norms, with the thresholds the reference was produced with:
@@ -369,7 +404,8 @@ fn upsample_if(
 }
 
 /// Prints the report as a table; returns true when nothing failed.
-pub fn print_report(rows: &[Row]) -> bool {
+pub fn print_report(report: &Report) -> bool {
+    let rows = &report.rows;
     println!(
         "{:<62} {:>12} {:>12} {:>12}  status",
         "tensor", "max abs err", "max rel err", "tolerance"
@@ -396,6 +432,9 @@ pub fn print_report(rows: &[Row]) -> bool {
             "{:<62} {:>12.3e} {:>12.3e} {:>12.3e}  {status}",
             r.name, r.max_abs_err, r.max_rel_err, r.tolerance
         );
+    }
+    if let Some(c) = &report.gradient_conditioning {
+        println!("{}", c.describe());
     }
     println!("parity: {pass} passed, {fail} failed, {skip} skipped");
     ok
