@@ -14,6 +14,7 @@ fn opts(threshold: usize, eps: f64) -> SolverOptions {
         eps,
         stop_mode: StopMode::Abs,
         coupling: Coupling::PerSample,
+        compact_batch: true,
     }
 }
 
@@ -462,7 +463,7 @@ fn compaction_skips_converged_samples_without_changing_any_answer() {
     .unwrap();
     let z0 = Tensor::zeros((n, D), DType::F64, &Device::Cpu).unwrap();
     for kind in all_solvers() {
-        let run = |compact: bool| {
+        let run = |compact: bool, compact_batch: bool| {
             let mut f = RowwiseLinear {
                 at: at.clone(),
                 scale: scale.clone(),
@@ -470,12 +471,23 @@ fn compaction_skips_converged_samples_without_changing_any_answer() {
                 compact,
                 rows_seen: Vec::new(),
             };
-            let sol = kind.solve(&mut f, &z0, &opts(400, 1e-10)).unwrap();
+            let o = SolverOptions {
+                compact_batch,
+                ..opts(400, 1e-10)
+            };
+            let sol = kind.solve(&mut f, &z0, &o).unwrap();
             (sol, f.rows_seen)
         };
-        let (full, full_rows) = run(false);
-        let (compacted, compacted_rows) = run(true);
+        let (full, full_rows) = run(false, true);
+        let (compacted, compacted_rows) = run(true, true);
         assert!(full_rows.iter().all(|&r| r == n), "{kind:?}: {full_rows:?}");
+        // A map that could be restricted, with compaction switched off: the whole batch each time.
+        let (switched_off, switched_off_rows) = run(true, false);
+        assert_eq!(switched_off_rows, full_rows, "{kind:?}");
+        assert_eq!(
+            switched_off.stats.sample_evaluations,
+            full.stats.sample_evaluations
+        );
         assert_eq!(full.stats.sample_evaluations, n * full.stats.evaluations);
         // Fewer rows evaluated, as the statistics say, and never more than once per step.
         assert_eq!(

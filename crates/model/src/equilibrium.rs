@@ -9,7 +9,7 @@ use crate::state::StateLayout;
 use candle_core::{DType, Result, Tensor, Var};
 use mdeq_deq::jacobian::frobenius_sq_finite_difference;
 use mdeq_deq::solver::solve_with_fallback;
-use mdeq_deq::{adjoint, BackwardMode, FixedPointMap, SolverKind, SolverOptions, SolverStats};
+use mdeq_deq::{adjoint, BackwardMode, SolverKind, SolverOptions, SolverStats};
 use rand::SeedableRng;
 
 /// Solver settings resolved from a [`DeqConfig`].
@@ -25,8 +25,6 @@ pub struct DeqRuntime {
     pub backward: SolverOptions,
     /// Backward mode.
     pub mode: BackwardMode,
-    /// Evaluate f on unconverged samples only.
-    pub compact_batch: bool,
 }
 
 fn kind(name: &str, max_pairs: Option<usize>) -> Result<SolverKind> {
@@ -55,15 +53,16 @@ impl DeqRuntime {
                 eps: c.eps,
                 stop_mode: c.stop_mode,
                 coupling: c.coupling,
+                compact_batch: c.compact_batch,
             },
             backward: SolverOptions {
                 threshold: c.b_thres,
                 eps: c.eps,
                 stop_mode: c.stop_mode,
                 coupling: c.coupling,
+                compact_batch: c.compact_batch,
             },
             mode: c.backward.clone(),
-            compact_batch: c.compact_batch,
         })
     }
 }
@@ -89,15 +88,7 @@ pub fn solve_equilibrium(
         masks,
         layout,
     };
-    let mut whole_batch;
-    let f: &mut dyn FixedPointMap = if rt.compact_batch {
-        &mut map
-    } else {
-        // As a closure the map cannot be restricted to rows: the whole batch is evaluated.
-        whole_batch = |z: &Tensor| map.apply(z);
-        &mut whole_batch
-    };
-    let sol = solve_with_fallback(&rt.forward_chain, f, &start, &rt.forward)?;
+    let sol = solve_with_fallback(&rt.forward_chain, &mut map, &start, &rt.forward)?;
     Ok((sol.z, sol.stats))
 }
 

@@ -2,7 +2,7 @@
 //! compaction) gives every sample the answer it gets when the whole batch is evaluated, with
 //! dropout masks and the injection following their samples.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Tensor};
 use mdeq_deq::{Coupling, SampleStatus, SolverKind, SolverOptions, StopMode};
 use mdeq_model::cell::solver_map::CellMap;
 use mdeq_model::{ExperimentConfig, Mdeq};
@@ -70,17 +70,19 @@ fn compacted_solves_match_whole_batch_solves_sample_for_sample() {
         eps: 0.35,
         stop_mode: StopMode::Rel,
         coupling: Coupling::PerSample,
+        compact_batch: true,
     };
     for name in ["broyden", "anderson"] {
         let kind = SolverKind::from_name(name).unwrap();
         let mut compacting = CellMap { ..map };
         let compacted = kind.solve(&mut compacting, &z0, &opts).unwrap();
-        // The same map seen as a plain closure cannot be restricted to rows.
-        let mut whole = |z: &Tensor| -> Result<Tensor> {
-            use mdeq_deq::FixedPointMap;
-            CellMap { ..map }.apply(z)
+        let whole_batch = SolverOptions {
+            compact_batch: false,
+            ..opts
         };
-        let full = kind.solve(&mut whole, &z0, &opts).unwrap();
+        let full = kind
+            .solve(&mut CellMap { ..map }, &z0, &whole_batch)
+            .unwrap();
         let (c, f) = (&compacted.stats, &full.stats);
         assert!(
             f.status.contains(&SampleStatus::Converged)

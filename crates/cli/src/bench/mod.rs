@@ -223,6 +223,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
             eps,
             stop_mode: StopMode::Rel,
             coupling: Coupling::PerSample,
+            compact_batch: true,
         };
         let (zstar, stats) = match freeze {
             Some(eps) => {

@@ -8,7 +8,7 @@
 use super::{randn, time_it, BenchOptions, Timing};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use mdeq_deq::{BackwardMode, SolverStats};
+use mdeq_deq::{BackwardMode, SolverOptions, SolverStats};
 use mdeq_model::equilibrium::{
     eval_forward, solve_equilibrium, train_gradients, DeqRuntime, Phase,
 };
@@ -87,7 +87,10 @@ pub fn figures(
     };
     let base = DeqRuntime::from_config(&cfg.deq)?;
     let whole_batch = DeqRuntime {
-        compact_batch: false,
+        forward: SolverOptions {
+            compact_batch: false,
+            ..base.forward
+        },
         ..base.clone()
     };
     let phantom = DeqRuntime {

@@ -69,6 +69,9 @@ pub struct SolverOptions {
     pub stop_mode: StopMode,
     /// Per-sample or official whole-batch norms.
     pub coupling: Coupling,
+    /// Evaluate f on the unconverged samples only, where the map can be restricted to rows
+    /// ([`FixedPointMap::apply_rows`]); false evaluates the whole batch every step.
+    pub compact_batch: bool,
 }
 
 impl SolverOptions {
@@ -79,6 +82,7 @@ impl SolverOptions {
             eps,
             stop_mode,
             coupling: Coupling::Official,
+            compact_batch: true,
         }
     }
 }

@@ -51,7 +51,8 @@ impl ResidualTracker {
     /// f(x), evaluated on the active samples only where the map allows it. The solvers keep
     /// frozen samples where they were when f was last evaluated, so their rows of f are reused.
     pub fn evaluate(&mut self, f: &mut dyn FixedPointMap, x: &Tensor) -> Result<Tensor> {
-        let (fx, rows) = compaction::evaluate(f, x, &self.active, self.previous_f.as_ref())?;
+        let previous = self.previous_f.as_ref().filter(|_| self.opts.compact_batch);
+        let (fx, rows) = compaction::evaluate(f, x, &self.active, previous)?;
         self.stats.evaluations += 1;
         self.stats.sample_evaluations += rows;
         self.previous_f = Some(fx.clone());
