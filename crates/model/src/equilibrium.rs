@@ -116,16 +116,29 @@ pub fn unrolled_forward(model: &Mdeq, image: &Tensor, layers: usize) -> Result<T
     let layout = model.layout(h, w);
     let cell = model.cell().prepared(true)?;
     let masks = vec![None; layout.branches.len()];
-    let b = image.dim(0)?;
-    let mut z = layout.unflatten(&Tensor::zeros(
-        (b, layout.size()),
-        model.dtype(),
-        model.device(),
-    )?)?;
-    for _ in 0..layers {
-        z = cell.forward(&z, &injection, &masks)?;
-    }
+    let z = unroll(&cell, &injection, &masks, &layout, image.dim(0)?, layers)?;
     model.head(&z, false)
+}
+
+/// `layers` weight-tied applications of the cell from z = 0, per branch.
+fn unroll(
+    cell: &MultiscaleCell,
+    injection: &[Tensor],
+    masks: &[Option<Tensor>],
+    layout: &StateLayout,
+    batch: usize,
+    layers: usize,
+) -> Result<Vec<Tensor>> {
+    let zeros = Tensor::zeros(
+        (batch, layout.size()),
+        injection[0].dtype(),
+        injection[0].device(),
+    )?;
+    let mut z = layout.unflatten(&zeros)?;
+    for _ in 0..layers {
+        z = cell.forward(&z, injection, masks)?;
+    }
+    Ok(z)
 }
 
 /// Everything one training step's gradient computation produced.
@@ -229,15 +242,7 @@ pub fn train_gradients(
     };
 
     if let Phase::Unrolled(layers) = phase {
-        let b = image.dim(0)?;
-        let mut z = layout.unflatten(&Tensor::zeros(
-            (b, layout.size()),
-            model.dtype(),
-            model.device(),
-        )?)?;
-        for _ in 0..layers {
-            z = cell.forward(&z, &injection, masks)?;
-        }
+        let z = unroll(&cell, &injection, masks, &layout, image.dim(0)?, layers)?;
         let logits = model.head(&z, true)?;
         let loss = loss_fn(&logits)?;
         let g = loss.backward()?;

@@ -1,5 +1,6 @@
 //! BatchNorm2d with PyTorch's train/eval semantics and running statistics.
 
+use super::affine_parameters;
 use crate::params::{Init, ParamBuilder};
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -23,14 +24,7 @@ impl BatchNorm2d {
         affine: bool,
         momentum: f64,
     ) -> Result<Self> {
-        let affine = if affine {
-            Some((
-                pb.param("weight", channels, Init::Const(1.0))?,
-                pb.param("bias", channels, Init::Const(0.0))?,
-            ))
-        } else {
-            None
-        };
+        let affine = affine_parameters(pb, channels, affine)?;
         Ok(Self {
             affine,
             running_mean: pb.buffer("running_mean", channels, Init::Const(0.0))?,

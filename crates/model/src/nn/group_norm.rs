@@ -1,8 +1,8 @@
 //! GroupNorm with optional affine parameters (candle_nn's is always affine, which would add keys
 //! the official non-affine layers do not have).
 
-use super::maybe_detach;
-use crate::params::{Init, ParamBuilder};
+use super::{affine_parameters, maybe_detach};
+use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance, eps 1e-5.
@@ -21,14 +21,7 @@ impl GroupNorm {
         channels: usize,
         affine: bool,
     ) -> Result<Self> {
-        let affine = if affine {
-            Some((
-                pb.param("weight", channels, Init::Const(1.0))?,
-                pb.param("bias", channels, Init::Const(0.0))?,
-            ))
-        } else {
-            None
-        };
+        let affine = affine_parameters(pb, channels, affine)?;
         Ok(Self {
             groups,
             affine,

@@ -14,7 +14,23 @@ pub use group_norm::GroupNorm;
 pub use upsample::{bilinear_resize, nearest_upsample, nearest_upsample_grad};
 pub use weight_norm::CellConv;
 
-use candle_core::Tensor;
+use crate::params::{Init, ParamBuilder};
+use candle_core::{Result, Tensor};
+
+/// A norm layer's per-channel `weight` (ones) and `bias` (zeros), registered only when `affine`.
+pub(crate) fn affine_parameters(
+    pb: &mut ParamBuilder,
+    channels: usize,
+    affine: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !affine {
+        return Ok(None);
+    }
+    Ok(Some((
+        pb.param("weight", channels, Init::Const(1.0))?,
+        pb.param("bias", channels, Init::Const(0.0))?,
+    )))
+}
 
 /// Optionally detaches a tensor from the autodiff graph.
 pub(crate) fn maybe_detach(t: &Tensor, detach: bool) -> Tensor {
