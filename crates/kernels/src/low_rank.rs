@@ -13,6 +13,13 @@ use multiversion::multiversion;
 
 /// −x + Σ_k a_k ⟨b_k, x⟩ per row; `a` and `b` hold k tensors shaped like `x` (B, D).
 pub fn low_rank_apply(x: &Tensor, a: &[&Tensor], b: &[&Tensor]) -> Result<Tensor> {
+    let mut out = low_rank_apply_many(&[x], a, b)?;
+    Ok(out.remove(0))
+}
+
+/// [`low_rank_apply`] of one operator to several right-hand sides, reading each a_k and b_k
+/// once for all of them (the operator's vectors are what the product is bound by).
+pub fn low_rank_apply_many(xs: &[&Tensor], a: &[&Tensor], b: &[&Tensor]) -> Result<Vec<Tensor>> {
     if a.len() != b.len() {
         candle_core::bail!(
             "low_rank_apply: {} a-vectors but {} b-vectors",
@@ -20,8 +27,11 @@ pub fn low_rank_apply(x: &Tensor, a: &[&Tensor], b: &[&Tensor]) -> Result<Tensor
             b.len()
         );
     }
+    let Some(x) = xs.first() else {
+        return Ok(Vec::new());
+    };
     let (rows, d) = x.dims2()?;
-    for t in a.iter().chain(b) {
+    for t in a.iter().chain(b).chain(xs) {
         if t.dims() != x.dims() || t.dtype() != x.dtype() {
             candle_core::bail!(
                 "low_rank_apply: operand {:?} {:?} does not match x {:?} {:?}",
@@ -33,28 +43,19 @@ pub fn low_rank_apply(x: &Tensor, a: &[&Tensor], b: &[&Tensor]) -> Result<Tensor
         }
     }
     if !fast_path(x) || a.is_empty() {
-        return composed(x, a, b);
+        return xs.iter().map(|x| composed(x, a, b)).collect();
     }
-    let x = x.contiguous()?;
-    let a: Vec<Tensor> = a.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let b: Vec<Tensor> = b.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let all: Vec<&Tensor> = std::iter::once(&x).chain(&a).chain(&b).collect();
-    let k = a.len();
-    let shape = (rows, d);
+    let contiguous =
+        |ts: &[&Tensor]| -> Result<Vec<Tensor>> { ts.iter().map(|t| t.contiguous()).collect() };
+    let (xs, a, b) = (contiguous(xs)?, contiguous(a)?, contiguous(b)?);
+    let all: Vec<&Tensor> = xs.iter().chain(&a).chain(&b).collect();
+    let (n, k) = (xs.len(), a.len());
     match x.dtype() {
         DType::F32 => with_cpu_slices::<f32, _>(&all, |s| {
-            Tensor::from_vec(
-                fused(s[0], &s[1..1 + k], &s[1 + k..], rows, d),
-                shape,
-                &Device::Cpu,
-            )
+            to_tensors(fused(&s[..n], &s[n..n + k], &s[n + k..], rows, d), rows, d)
         })?,
         _ => with_cpu_slices::<f64, _>(&all, |s| {
-            Tensor::from_vec(
-                fused(s[0], &s[1..1 + k], &s[1 + k..], rows, d),
-                shape,
-                &Device::Cpu,
-            )
+            to_tensors(fused(&s[..n], &s[n..n + k], &s[n + k..], rows, d), rows, d)
         })?,
     }
 }
@@ -68,40 +69,64 @@ pub fn composed(x: &Tensor, a: &[&Tensor], b: &[&Tensor]) -> Result<Tensor> {
     Ok(out)
 }
 
-fn fused<T: Element>(x: &[T], a: &[&[T]], b: &[&[T]], rows: usize, d: usize) -> Vec<T> {
-    let mut out = uninit_vec::<T>(rows * d); // every row is written in full below
-    let ptr = Shared(out.as_mut_ptr());
+fn to_tensors<T: Element + candle_core::WithDType>(
+    outs: Vec<Vec<T>>,
+    rows: usize,
+    d: usize,
+) -> Result<Vec<Tensor>> {
+    outs.into_iter()
+        .map(|o| Tensor::from_vec(o, (rows, d), &Device::Cpu))
+        .collect()
+}
+
+fn fused<T: Element>(xs: &[&[T]], a: &[&[T]], b: &[&[T]], rows: usize, d: usize) -> Vec<Vec<T>> {
+    // Every row of every output is written in full below.
+    let mut outs: Vec<Vec<T>> = xs.iter().map(|_| uninit_vec::<T>(rows * d)).collect();
+    let ptrs: Vec<Shared<T>> = outs.iter_mut().map(|o| Shared(o.as_mut_ptr())).collect();
     for_each_chunk(rows, |range| {
-        let mut coeffs = vec![T::ZERO; a.len()];
+        // coeffs[j·k + i] = ⟨b_i, x_j⟩ of the current row.
+        let mut coeffs = vec![T::ZERO; xs.len() * a.len()];
+        let mut row_out: Vec<&mut [T]> = Vec::with_capacity(xs.len());
         for r in range {
             let span = r * d..(r + 1) * d;
-            // SAFETY: row r owns out[r·d..(r+1)·d].
-            let o = unsafe { ptr.slice(r * d, d) };
-            row(&x[span.clone()], a, b, span, o, &mut coeffs);
+            row_out.clear();
+            // SAFETY: row r of every output is owned by this work item.
+            row_out.extend(ptrs.iter().map(|p| unsafe { p.slice(r * d, d) }));
+            let row_xs: Vec<&[T]> = xs.iter().map(|x| &x[span.clone()]).collect();
+            row(&row_xs, a, b, span, &mut row_out, &mut coeffs);
         }
     });
-    out
+    outs
 }
 
 #[multiversion(targets = "simd")]
 fn row<T: Element>(
-    x: &[T],
+    xs: &[&[T]],
     a: &[&[T]],
     b: &[&[T]],
     span: std::ops::Range<usize>,
-    out: &mut [T],
+    out: &mut [&mut [T]],
     coeffs: &mut [T],
 ) {
-    for (c, bk) in coeffs.iter_mut().zip(b) {
-        *c = T::from_f64(dot(&bk[span.clone()], x));
+    let k = a.len();
+    for (i, bi) in b.iter().enumerate() {
+        let bi = &bi[span.clone()];
+        for (j, x) in xs.iter().enumerate() {
+            coeffs[j * k + i] = T::from_f64(dot(bi, x));
+        }
     }
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = T::from_f64(-v.to_f64());
+    for (o, x) in out.iter_mut().zip(xs) {
+        for (o, v) in o.iter_mut().zip(x.iter()) {
+            *o = T::from_f64(-v.to_f64());
+        }
     }
-    for (c, ak) in coeffs.iter().zip(a) {
-        let c = *c;
-        for (o, v) in out.iter_mut().zip(&ak[span.clone()]) {
-            *o += c * *v;
+    for (i, ai) in a.iter().enumerate() {
+        let ai = &ai[span.clone()];
+        for (j, o) in out.iter_mut().enumerate() {
+            let c = coeffs[j * k + i];
+            for (o, v) in o.iter_mut().zip(ai) {
+                *o += c * *v;
+            }
         }
     }
 }

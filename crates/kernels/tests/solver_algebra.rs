@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_rel;
-use mdeq_kernels::low_rank::{composed, low_rank_apply};
+use mdeq_kernels::low_rank::{composed, low_rank_apply, low_rank_apply_many};
 use mdeq_kernels::row_sq_norms;
 
 fn wave(rows: usize, d: usize, a: f64) -> Tensor {
@@ -43,6 +43,49 @@ fn fused_low_rank_product_matches_candle_ops() {
     let y = wave(2, 6, 0.1);
     assert!(low_rank_apply(&x, &[&y], &[&x]).is_err());
     assert!(low_rank_apply(&x, &[&x], &[]).is_err());
+}
+
+#[test]
+fn one_operator_applied_to_several_vectors_equals_separate_products() {
+    for &(rows, d, k) in &[(1, 13, 1), (3, 37, 0), (7, 1001, 19)] {
+        let a: Vec<Tensor> = (0..k).map(|j| wave(rows, d, 1.1 + j as f64)).collect();
+        let b: Vec<Tensor> = (0..k).map(|j| wave(rows, d, 0.3 + j as f64)).collect();
+        let xs: Vec<Tensor> = (0..3)
+            .map(|j| wave(rows, d, 0.7 + j as f64 * 0.2))
+            .collect();
+        for dtype in [DType::F64, DType::F32] {
+            let cast = |ts: &[Tensor]| -> Vec<Tensor> {
+                ts.iter().map(|t| t.to_dtype(dtype).unwrap()).collect()
+            };
+            let (a, b, xs) = (cast(&a), cast(&b), cast(&xs));
+            let (ar, br): (Vec<&Tensor>, Vec<&Tensor>) = (a.iter().collect(), b.iter().collect());
+            let together = low_rank_apply_many(&xs.iter().collect::<Vec<_>>(), &ar, &br).unwrap();
+            assert_eq!(together.len(), 3);
+            for (x, got) in xs.iter().zip(&together) {
+                // Same sums in the same order: bit for bit what one product at a time gives.
+                let alone = low_rank_apply(x, &ar, &br).unwrap();
+                let diff = (got - &alone)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{:?} {dtype:?}", (rows, d, k));
+                let rel = max_rel(
+                    &got.to_dtype(DType::F64).unwrap(),
+                    &composed(x, &ar, &br).unwrap().to_dtype(DType::F64).unwrap(),
+                );
+                assert!(rel < 1e-5, "{:?} {dtype:?}: {rel}", (rows, d, k));
+            }
+        }
+    }
+    let x = wave(2, 5, 0.1);
+    assert!(low_rank_apply_many(&[], &[&x], &[&x]).unwrap().is_empty());
+    assert!(low_rank_apply_many(&[&x, &wave(2, 6, 0.1)], &[&x], &[&x]).is_err());
 }
 
 #[test]

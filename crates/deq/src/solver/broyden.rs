@@ -7,7 +7,7 @@
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};
 use candle_core::{Result, Tensor};
-use mdeq_kernels::low_rank_apply;
+use mdeq_kernels::{low_rank_apply, low_rank_apply_many};
 use std::collections::VecDeque;
 
 /// Broyden-specific options.
@@ -52,15 +52,40 @@ impl LowRank {
         low_rank_apply(x, &vs, &us)
     }
 
-    fn push(&mut self, u: Tensor, v: Tensor) {
+    /// M x and M y in one pass over the history.
+    fn matvec2(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (us, vs) = self.halves();
+        let mut out = low_rank_apply_many(&[x, y], &us, &vs)?;
+        let my = out.pop().expect("two products");
+        Ok((out.pop().expect("two products"), my))
+    }
+
+    /// Appends a pair, dropping the oldest at the cap.
+    fn push(&mut self, u: Tensor, v: Tensor) -> Pushed {
         if self.cap == 0 {
-            return;
+            return Pushed::Dropped;
         }
-        if self.pairs.len() == self.cap {
+        let evicted = self.pairs.len() == self.cap;
+        if evicted {
             self.pairs.pop_front();
         }
         self.pairs.push_back((u, v));
+        if evicted {
+            Pushed::ReplacedOldest
+        } else {
+            Pushed::Appended
+        }
     }
+}
+
+/// What [`LowRank::push`] did to the operator.
+enum Pushed {
+    /// Added a term: M' x = M x + u ⟨v, x⟩.
+    Appended,
+    /// Added a term and removed the oldest.
+    ReplacedOldest,
+    /// No history is kept (cap 0): M unchanged.
+    Dropped,
 }
 
 /// Solves z = f(z) from `z0` (B, D).
@@ -95,9 +120,17 @@ pub fn solve(
         let dx = (&x_new - &x)?;
         let dg = (&g_new - &gx)?;
         let vt = history.rmatvec(&dx)?;
-        let u = (&dx - history.matvec(&dg)?)?.broadcast_div(&dot(&vt, &dg)?)?;
-        history.push(nan_to_zero(&u)?, nan_to_zero(&vt)?);
-        update = history.matvec(&g_new)?.neg()?;
+        // M dg and M g_new share one pass over the history; M g_new then only needs the new
+        // pair's term to become the next update (unless the oldest pair was dropped).
+        let (m_dg, m_g) = history.matvec2(&dg, &g_new)?;
+        let u = (&dx - m_dg)?.broadcast_div(&dot(&vt, &dg)?)?;
+        let (u, vt) = (nan_to_zero(&u)?, nan_to_zero(&vt)?);
+        let m_g_next = match history.push(u.clone(), vt.clone()) {
+            Pushed::Appended => (m_g + u.broadcast_mul(&dot(&vt, &g_new)?)?)?,
+            Pushed::ReplacedOldest => history.matvec(&g_new)?,
+            Pushed::Dropped => m_g,
+        };
+        update = m_g_next.neg()?;
         x = x_new;
         gx = g_new;
     }
