@@ -21,14 +21,35 @@ pub fn group_norm(
     affine: Option<(&Tensor, &Tensor)>,
     eps: f64,
 ) -> Result<Tensor> {
+    group_norm_then(x, groups, affine, eps, false)
+}
+
+/// ReLU(GroupNorm(x)) in the same single pass (ReLU's derivative at 0 is 0, as PyTorch's).
+pub fn group_norm_relu(
+    x: &Tensor,
+    groups: usize,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_then(x, groups, affine, eps, true)
+}
+
+fn group_norm_then(
+    x: &Tensor,
+    groups: usize,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
     }
     if !fast_path(x) {
-        return composed(x, groups, affine, eps);
+        let y = composed(x, groups, affine, eps)?;
+        return if relu { crate::relu::relu(&y) } else { Ok(y) };
     }
-    let op = Forward(GroupNormOp { groups, eps });
+    let op = Forward(GroupNormOp { groups, eps, relu });
     let x = x.contiguous()?;
     match affine {
         None => x.apply_op1(op),
@@ -71,7 +92,12 @@ pub fn group_norm_input_grad(
             None => x.zeros_like(),
         };
     }
-    Backward(GroupNormOp { groups, eps }).input_grad(x, gamma, dy)
+    Backward(GroupNormOp {
+        groups,
+        eps,
+        relu: false,
+    })
+    .input_grad(x, gamma, dy)
 }
 
 /// The same computation from candle ops (other devices and dtypes).
@@ -100,6 +126,8 @@ pub fn composed(
 struct GroupNormOp {
     groups: usize,
     eps: f64,
+    /// The forward ends in a ReLU.
+    relu: bool,
 }
 
 /// (mean, 1/σ) of one group.
@@ -134,7 +162,7 @@ impl FusedNorm for GroupNormOp {
                 let ys = unsafe { out.slice(bg * group_len, group_len) };
                 let xs = &x[bg * group_len..(bg + 1) * group_len];
                 let first_ch = (bg % self.groups) * cpg;
-                forward_group(xs, ys, affine, first_ch, hw, self.eps);
+                forward_group(xs, ys, affine, first_ch, hw, self.eps, self.relu);
             }
         });
         y
@@ -171,6 +199,10 @@ impl FusedNorm for GroupNormOp {
         }
         out
     }
+
+    fn ends_in_relu(&self) -> bool {
+        self.relu
+    }
 }
 
 #[multiversion(targets = "simd")]
@@ -181,6 +213,7 @@ fn forward_group<T: Element>(
     first_ch: usize,
     hw: usize,
     eps: f64,
+    relu: bool,
 ) {
     let (mean, rstd) = stats(xs, eps);
     for (k, (yc, xc)) in ys.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
@@ -192,8 +225,16 @@ fn forward_group<T: Element>(
             ),
             None => (rstd, -mean * rstd),
         };
-        for (o, v) in yc.iter_mut().zip(xc) {
-            *o = T::from_f64(v.to_f64() * scale + shift);
+        if relu {
+            for (o, v) in yc.iter_mut().zip(xc) {
+                let pre = v.to_f64() * scale + shift;
+                // NaN passes through, as in PyTorch (f64::max would turn it into 0).
+                *o = T::from_f64(if pre <= 0.0 { 0.0 } else { pre });
+            }
+        } else {
+            for (o, v) in yc.iter_mut().zip(xc) {
+                *o = T::from_f64(v.to_f64() * scale + shift);
+            }
         }
     }
 }

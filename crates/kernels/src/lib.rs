@@ -26,7 +26,7 @@ pub mod row_norms;
 
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use element::fast_path;
-pub use group_norm::{group_norm, group_norm_input_grad};
+pub use group_norm::{group_norm, group_norm_input_grad, group_norm_relu};
 pub use low_rank::{low_rank_apply, low_rank_apply_many};
 pub use relu::{relu, relu_grad};
 pub use row_norms::row_sq_norms;

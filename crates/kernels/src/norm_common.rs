@@ -34,6 +34,19 @@ pub(crate) trait FusedNorm: Copy + Send + Sync + 'static {
     fn forward<T: Element>(&self, x: &[T], affine: Option<(&[T], &[T])>, l: &Layout) -> Vec<T>;
     /// dx followed by dγ and dβ (2·C values), from x, γ and dy.
     fn backward<T: Element>(&self, x: &[T], gamma: Option<&[T]>, dy: &[T], l: &Layout) -> Vec<T>;
+    /// True when `forward` ends in a ReLU: autograd then masks dy by y > 0 before `backward`.
+    fn ends_in_relu(&self) -> bool {
+        false
+    }
+}
+
+/// dy masked by the ReLU the forward ended in, if it did.
+fn through_relu<N: FusedNorm>(norm: &N, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if norm.ends_in_relu() {
+        crate::relu::relu_grad(y, dy)?.contiguous()
+    } else {
+        dy.contiguous()
+    }
 }
 
 macro_rules! for_float {
@@ -73,8 +86,8 @@ impl<N: FusedNorm> CustomOp1 for Forward<N> {
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let grads = x.apply_op2_no_bwd(&dy.contiguous()?, &Backward(self.0))?;
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let grads = x.apply_op2_no_bwd(&through_relu(&self.0, y, dy)?, &Backward(self.0))?;
         Ok(Some(unpack_dx(&grads, x)?))
     }
 }
@@ -109,10 +122,11 @@ impl<N: FusedNorm> CustomOp3 for Forward<N> {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grads = x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &Backward(self.0))?;
+        let dy = through_relu(&self.0, y, dy)?;
+        let grads = x.apply_op3_no_bwd(gamma, &dy, &Backward(self.0))?;
         let (n, c) = (x.elem_count(), gamma.elem_count());
         let dgamma = grads.narrow(0, n, c)?.reshape(gamma.shape())?;
         let dbeta = grads.narrow(0, n + c, c)?.reshape(beta.shape())?;

@@ -8,11 +8,12 @@ use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
-/// max(x, 0) with d/dx = 1 for x > 0 and 0 otherwise.
+/// max(x, 0) with d/dx = 1 for x > 0 and 0 otherwise; NaN stays NaN, as in PyTorch.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     if fast_path(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
+        // x · [x > 0] keeps NaN (NaN · 0 is NaN).
         let positive = x.gt(0.0)?.to_dtype(x.dtype())?;
         x * positive
     }
@@ -51,7 +52,7 @@ fn map<T: Element>(n: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
 #[multiversion(targets = "simd")]
 fn forward_block<T: Element>(x: &[T], out: &mut [T]) {
     for (o, v) in out.iter_mut().zip(x) {
-        *o = if v.to_f64() > 0.0 { *v } else { T::ZERO };
+        *o = if v.to_f64() <= 0.0 { T::ZERO } else { *v };
     }
 }
 

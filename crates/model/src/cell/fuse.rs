@@ -1,6 +1,5 @@
 //! Multiscale fusion layers T_ij (spec §1.3 step B).
 
-use crate::nn::Relu0;
 use crate::nn::{nearest_upsample, nearest_upsample_grad, Conv2d, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -11,8 +10,9 @@ use mdeq_kernels::relu_grad;
 struct StageTape {
     input_dims: Vec<usize>,
     conv_out: Tensor,
-    /// The GroupNorm output where a ReLU follows it.
-    norm_out: Option<Tensor>,
+    /// ReLU(GroupNorm output) where a ReLU follows the norm (positive exactly where the norm
+    /// output is, so it carries the ReLU's mask).
+    relu_out: Option<Tensor>,
 }
 
 /// The intermediate values of one fuse-layer application that its VJP reads.
@@ -81,7 +81,7 @@ impl FuseLayer {
                 tape.push(StageTape {
                     input_dims: x.dims().to_vec(),
                     conv_out: c,
-                    norm_out: None,
+                    relu_out: None,
                 });
                 nearest_upsample(&n, *factor)?
             }
@@ -89,13 +89,16 @@ impl FuseLayer {
                 let mut t = x.clone();
                 for (s, (conv, norm)) in stages.iter().enumerate() {
                     let c = conv.forward(&t)?;
-                    let n = norm.forward(&c)?;
                     let last = s + 1 == stages.len();
-                    let next = if last { n.clone() } else { n.relu0()? };
+                    let next = if last {
+                        norm.forward(&c)?
+                    } else {
+                        norm.forward_relu(&c)?
+                    };
                     tape.push(StageTape {
                         input_dims: t.dims().to_vec(),
                         conv_out: c,
-                        norm_out: (!last).then_some(n),
+                        relu_out: (!last).then(|| next.clone()),
                     });
                     t = next;
                 }
@@ -116,8 +119,8 @@ impl FuseLayer {
             Self::Downsample { stages } => {
                 let mut d = d_out.clone();
                 for ((conv, norm), st) in stages.iter().zip(&tape.0).rev() {
-                    if let Some(n) = &st.norm_out {
-                        d = relu_grad(n, &d)?;
+                    if let Some(r) = &st.relu_out {
+                        d = relu_grad(r, &d)?;
                     }
                     d = conv.input_grad(&norm.input_grad(&st.conv_out, &d)?, &st.input_dims)?;
                 }

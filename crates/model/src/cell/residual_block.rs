@@ -22,13 +22,11 @@ pub struct BlockTape {
     z_dims: Vec<usize>,
     /// conv1 output (GN1 input).
     a1: Tensor,
-    /// GN1 output (ReLU input).
-    n1: Tensor,
+    /// ReLU(GN1 output), conv2's input.
+    r1: Tensor,
     /// GN2 input.
     a2: Tensor,
-    /// GN2 output + z (ReLU input).
-    s: Tensor,
-    /// GN3 input.
+    /// ReLU(GN2 output + z), GN3's input.
     r3: Tensor,
     mask: Option<Tensor>,
 }
@@ -83,8 +81,8 @@ impl ResidualBlock {
         mask: Option<&Tensor>,
     ) -> Result<(Tensor, BlockTape)> {
         let a1 = self.conv1.forward(z)?;
-        let n1 = self.gn1.forward(&a1)?;
-        let mut a2 = self.conv2.forward(&n1.relu0()?)?;
+        let r1 = self.gn1.forward_relu(&a1)?;
+        let mut a2 = self.conv2.forward(&r1)?;
         if let Some(m) = mask {
             a2 = a2.broadcast_mul(m)?;
         }
@@ -97,9 +95,8 @@ impl ResidualBlock {
         let tape = BlockTape {
             z_dims: z.dims().to_vec(),
             a1,
-            n1,
+            r1,
             a2,
-            s,
             r3,
             mask: mask.cloned(),
         };
@@ -108,13 +105,14 @@ impl ResidualBlock {
 
     /// dL/dz given dL/d(out) at the taped point, with weights and injection held fixed.
     pub fn vjp(&self, tape: &BlockTape, d_out: &Tensor) -> Result<Tensor> {
-        let ds = relu_grad(&tape.s, &self.gn3.input_grad(&tape.r3, d_out)?)?;
+        // r3 > 0 exactly where its ReLU's input is: r3 carries both ReLUs' masks here and below.
+        let ds = relu_grad(&tape.r3, &self.gn3.input_grad(&tape.r3, d_out)?)?;
         let mut da2 = self.gn2.input_grad(&tape.a2, &ds)?;
         if let Some(m) = &tape.mask {
             da2 = da2.broadcast_mul(m)?;
         }
-        let dr1 = self.conv2.input_grad(&da2, tape.n1.dims())?;
-        let da1 = self.gn1.input_grad(&tape.a1, &relu_grad(&tape.n1, &dr1)?)?;
+        let dr1 = self.conv2.input_grad(&da2, tape.r1.dims())?;
+        let da1 = self.gn1.input_grad(&tape.a1, &relu_grad(&tape.r1, &dr1)?)?;
         ds + self.conv1.input_grad(&da1, &tape.z_dims)?
     }
 

@@ -48,7 +48,16 @@ impl GroupNorm {
         )
     }
 
-    /// The same layer, optionally cut from the autodiff graph.
+    /// ReLU(GroupNorm(x)) in one pass (ReLU's derivative at 0 is 0, as PyTorch's).
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        mdeq_kernels::group_norm_relu(
+            x,
+            self.groups,
+            self.affine.as_ref().map(|(g, b)| (g, b)),
+            self.eps,
+        )
+    }
+
     /// dL/dx at input `x` given dL/dy, with γ and β held fixed.
     pub fn input_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         mdeq_kernels::group_norm_input_grad(
@@ -60,6 +69,7 @@ impl GroupNorm {
         )
     }
 
+    /// The same layer, optionally cut from the autodiff graph.
     pub fn prepared(&self, detach: bool) -> Self {
         Self {
             groups: self.groups,
