@@ -55,9 +55,10 @@ impl LowRank {
     /// M x and M y in one pass over the history.
     fn matvec2(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
         let (us, vs) = self.halves();
-        let mut out = low_rank_apply_many(&[x, y], &us, &vs)?;
-        let my = out.pop().expect("two products");
-        Ok((out.pop().expect("two products"), my))
+        let [mx, my]: [Tensor; 2] = low_rank_apply_many(&[x, y], &us, &vs)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("low_rank_apply_many: not two products".into()))?;
+        Ok((mx, my))
     }
 
     /// Appends a pair, dropping the oldest at the cap.

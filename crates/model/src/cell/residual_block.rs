@@ -105,7 +105,7 @@ impl ResidualBlock {
 
     /// dL/dz given dL/d(out) at the taped point, with weights and injection held fixed.
     pub fn vjp(&self, tape: &BlockTape, d_out: &Tensor) -> Result<Tensor> {
-        // r3 > 0 exactly where its ReLU's input is: r3 carries both ReLUs' masks here and below.
+        // A ReLU's output is positive exactly where its input is, so r3 and r1 carry the masks.
         let ds = relu_grad(&tape.r3, &self.gn3.input_grad(&tape.r3, d_out)?)?;
         let mut da2 = self.gn2.input_grad(&tape.a2, &ds)?;
         if let Some(m) = &tape.mask {
