@@ -62,10 +62,9 @@ impl GradientConditioning {
     }
 }
 
-/// Runs the head (train mode, as the training output sees it) and the loss on `out` (which is
-/// `centre`) and on
-/// `trials` one-ulp perturbations of it. Train-mode BatchNorm updates the running statistics of
-/// `model` once per evaluation, so call this after anything that reads them.
+/// Runs the head (train mode, as the training output sees it) and the loss on `out` (the point
+/// `centre` names) and on `trials` one-ulp perturbations of it. Train-mode BatchNorm updates the
+/// running statistics of `model` once per evaluation, so call this after anything that reads them.
 pub fn probe_head_gradient(
     model: &Mdeq,
     out: &[Tensor],
