@@ -3,14 +3,17 @@
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use mdeq_deq::{Coupling, SolverKind};
+use mdeq_deq::{Coupling, SolverKind, SolverOptions, SolverStats};
 use mdeq_model::equilibrium::{eval_forward, train_gradients, DeqRuntime, Phase};
 use mdeq_model::nn::bilinear_resize;
 use mdeq_model::{ExperimentConfig, Mdeq, Task};
+use serde_json::Value;
 use std::collections::HashMap;
 
 mod conditioning;
+mod solver_trace;
 pub use conditioning::{perturb_by_one_ulp, probe_head_gradient, Centre, GradientConditioning};
+pub use solver_trace::{check_trace, Agreement, TraceCheck};
 
 /// Random one-ulp perturbations of f(z*) the gradient-conditioning probe tries.
 const CONDITIONING_TRIALS: usize = 40;
@@ -49,6 +52,9 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The head-gradient conditioning probe at our f(z*) (train path only).
     pub gradient_conditioning: Option<GradientConditioning>,
+    /// Our solves against the official solver's residual traces in `meta.json`, where it has
+    /// them for the precision we computed in.
+    pub solver_traces: Vec<TraceCheck>,
 }
 
 /// Parity options.
@@ -254,8 +260,28 @@ pub fn run(
         }
     }
     // DEQ eval path: our own equilibrium and the head on it.
-    let rt = runtime(config, io, opts)?;
+    let meta = read_meta(io)?;
+    let rt = runtime(config, meta.as_ref(), opts)?;
+    let precision = if opts.dtype == DType::F64 {
+        "f64"
+    } else {
+        "f32"
+    };
+    let mut solver_traces = Vec::new();
+    // The official trace of `solve` (e.g. "eval" / "forward_solver") in our precision, if any.
+    let mut trace = |solve: &str, which: &str, ours: &SolverStats, o: &SolverOptions| {
+        let name = format!("{solve}_{precision}.{which}");
+        let official = meta
+            .as_ref()
+            .map(|m| &m[format!("{solve}_{precision}")][which]);
+        let settings = (o.threshold, o.eps);
+        let agreement = Agreement::for_dtype(opts.dtype);
+        if let Some(c) = official.and_then(|v| check_trace(&name, ours, settings, v, agreement)) {
+            solver_traces.push(c);
+        }
+    };
     let (logits, zstar, stats) = eval_forward(&model, &x, &rt)?;
+    trace("eval", "forward_solver", &stats, &rt.forward);
     for (i, t) in zstar.iter().enumerate() {
         check(&mut rows, &format!("zstar.{i}"), t)?;
     }
@@ -284,6 +310,12 @@ pub fn run(
         let loss_fn = |logits: &Tensor| candle_nn::loss::cross_entropy(logits, &labels);
         let masks = vec![None; config.model.num_branches()];
         let g = train_gradients(&model, &x, &masks, &loss_fn, &rt, Phase::Deq, None)?;
+        if let Some(f) = &g.forward_stats {
+            trace("train", "forward_solver", f, &rt.forward);
+        }
+        if let Some(b) = &g.backward_stats {
+            trace("train", "backward_solver", b, &rt.backward);
+        }
         for (i, t) in g.injection.iter().enumerate() {
             check(&mut rows, &format!("train.injection.{i}"), t)?;
         }
@@ -358,31 +390,50 @@ pub fn run(
     Ok(Report {
         rows,
         gradient_conditioning,
+        solver_traces,
     })
 }
 
-/// The official solver, whole-batch norms, with the thresholds the reference was produced with:
-/// options first, then `meta.json` beside the io file (`config.fixture_thres` / `fixture_eps`),
-/// then the experiment config.
-fn runtime(config: &ExperimentConfig, io: &str, opts: &ParityOptions) -> Result<DeqRuntime> {
-    let meta = std::path::Path::new(io).with_file_name("meta.json");
-    let meta: Option<serde_json::Value> = std::fs::read_to_string(&meta)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let from_meta = |k: &str| meta.as_ref().and_then(|m| m["config"][k].as_f64());
+/// `meta.json` beside the io file, if there is one.
+fn read_meta(io: &str) -> Result<Option<Value>> {
+    let path = std::path::Path::new(io).with_file_name("meta.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let meta =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(Some(meta))
+}
+
+/// The official solver, whole-batch norms, with the settings the reference in our precision was
+/// solved with: options first, then `meta.json` (`config.f64_reference_thres` / `_eps` for
+/// float64, `config.fixture_thres` / `fixture_eps` otherwise), then the experiment config.
+fn runtime(
+    config: &ExperimentConfig,
+    meta: Option<&Value>,
+    opts: &ParityOptions,
+) -> Result<DeqRuntime> {
+    let from_meta = |k: &str| meta.and_then(|m| m["config"][k].as_f64());
+    let (thres_key, eps_key) = if opts.dtype == DType::F64 {
+        ("f64_reference_thres", "f64_reference_eps")
+    } else {
+        ("fixture_thres", "fixture_eps")
+    };
     let mut deq = config.deq.clone();
     deq.coupling = Coupling::Official;
     deq.f_solver = "broyden".into();
     deq.b_solver = "broyden".into();
     deq.fallback.clear();
-    let thres = opts
-        .threshold
-        .or(from_meta("fixture_thres").map(|t| t as usize));
+    let thres = opts.threshold.or(from_meta(thres_key)
+        .or(from_meta("fixture_thres"))
+        .map(|t| t as usize));
     if let Some(t) = thres {
         deq.f_thres = t;
         deq.b_thres = t;
     }
-    if let Some(e) = opts.eps.or(from_meta("fixture_eps")) {
+    if let Some(e) = opts.eps.or(from_meta(eps_key).or(from_meta("fixture_eps"))) {
         deq.eps = e;
     }
     let rt = DeqRuntime::from_config(&deq)?;
@@ -432,6 +483,13 @@ pub fn print_report(report: &Report) -> bool {
             "{:<62} {:>12.3e} {:>12.3e} {:>12.3e}  {status}",
             r.name, r.max_abs_err, r.max_rel_err, r.tolerance
         );
+    }
+    for t in &report.solver_traces {
+        println!("{}", t.describe());
+        if t.status != Status::Pass {
+            ok = false;
+            fail += 1;
+        }
     }
     if let Some(c) = &report.gradient_conditioning {
         println!("{}", c.describe());
