@@ -198,3 +198,26 @@ fn graph_held_for_the_backward_does_not_grow_with_solver_steps() {
     assert!(few > 10, "graph of one application of f has {few} tensors");
     assert_eq!(few, many, "graph size at F_THRES 3 vs 24");
 }
+
+#[test]
+fn unreadable_meta_json_is_an_error_naming_it() {
+    let src = format!("{}/seg-tiny", fixtures());
+    let dir = std::env::temp_dir().join(format!("mdeq-parity-meta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(format!("{src}/io.safetensors"), dir.join("io.safetensors")).unwrap();
+    std::fs::write(dir.join("meta.json"), "{ \"config\": ").unwrap();
+    let cfg = ExperimentConfig::load(&format!("{src}/config.yaml")).unwrap();
+    let err = run(
+        &cfg,
+        &format!("{src}/weights.safetensors"),
+        dir.join("io.safetensors").to_str().unwrap(),
+        &ParityOptions::default(),
+    )
+    .unwrap_err();
+    let _ = std::fs::remove_dir_all(&dir);
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("meta.json") && msg.contains("parsing"),
+        "{msg}"
+    );
+}
