@@ -23,6 +23,7 @@ pub mod low_rank;
 mod norm_common;
 pub mod relu;
 pub mod row_norms;
+pub mod upsample;
 
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use element::fast_path;
@@ -30,3 +31,4 @@ pub use group_norm::{group_norm, group_norm_input_grad, group_norm_relu};
 pub use low_rank::{low_rank_apply, low_rank_apply_many};
 pub use relu::{relu, relu_grad};
 pub use row_norms::row_sq_norms;
+pub use upsample::{nearest_upsample, nearest_upsample_grad};

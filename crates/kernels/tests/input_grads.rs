@@ -4,16 +4,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
-use common::max_rel;
+use candle_core::{DType, Tensor, Var};
+use common::{max_rel, wave};
 use mdeq_kernels::group_norm::composed;
 use mdeq_kernels::{conv2d_input_grad, group_norm_input_grad, relu_grad};
-
-fn wave(shape: &[usize], a: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|i| (a * i as f64 + 0.3).sin()).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
 
 /// dL/dx of sum(f(x) ⊙ dy) by candle's autograd.
 fn autograd(x: &Tensor, dy: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {

@@ -1,34 +1,14 @@
 //! Resizing with correct gradients in every graph.
 //!
 //! candle 0.11's `upsample_nearest2d` backward overwrites the gradient already accumulated for
-//! its input, and `upsample_bilinear2d` has no backward at all. Here nearest upsampling is a
-//! reshape + broadcast (whose backward is a sum), and bilinear resizing is two matmuls with
-//! interpolation matrices (whose backward is the transposed matmuls).
+//! its input, and `upsample_bilinear2d` has no backward at all. Here nearest upsampling is the
+//! kernel crate's one-pass op (whose backward is a block sum), and bilinear resizing is two
+//! matmuls with interpolation matrices (whose backward is the transposed matmuls).
 
 use candle_core::{DType, Device, Result, Tensor};
-
-/// Nearest-neighbour upsampling of (B, C, H, W) by an integer `factor`.
-pub fn nearest_upsample(x: &Tensor, factor: usize) -> Result<Tensor> {
-    if factor == 1 {
-        return Ok(x.clone());
-    }
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, factor, w, factor))?
-        .contiguous()?
-        .reshape((b, c, h * factor, w * factor))
-}
+pub use mdeq_kernels::{nearest_upsample, nearest_upsample_grad};
 
 /// The (out, in) matrix of 1-D linear interpolation weights, PyTorch's convention.
-/// The adjoint of [`nearest_upsample`]: each `factor`×`factor` block of `dy` summed.
-pub fn nearest_upsample_grad(dy: &Tensor, factor: usize) -> Result<Tensor> {
-    if factor == 1 {
-        return Ok(dy.clone());
-    }
-    // The block mean times factor² (a power of two here, so the rescaling is exact).
-    dy.avg_pool2d(factor)? * (factor * factor) as f64
-}
-
 pub fn interpolation_matrix(n_in: usize, n_out: usize, align_corners: bool) -> Vec<f64> {
     let mut m = vec![0.0; n_out * n_in];
     for i in 0..n_out {
