@@ -461,7 +461,6 @@ pub fn print_report(report: &Report) -> bool {
         "{:<62} {:>12} {:>12} {:>12}  status",
         "tensor", "max abs err", "max rel err", "tolerance"
     );
-    let mut ok = true;
     let (mut pass, mut fail, mut skip) = (0, 0, 0);
     for r in rows {
         let status = match &r.status {
@@ -471,7 +470,6 @@ pub fn print_report(report: &Report) -> bool {
             }
             Status::Fail => {
                 fail += 1;
-                ok = false;
                 "FAIL".to_string()
             }
             Status::Skipped(why) => {
@@ -487,7 +485,6 @@ pub fn print_report(report: &Report) -> bool {
     for t in &report.solver_traces {
         println!("{}", t.describe());
         if t.status != Status::Pass {
-            ok = false;
             fail += 1;
         }
     }
@@ -495,5 +492,5 @@ pub fn print_report(report: &Report) -> bool {
         println!("{}", c.describe());
     }
     println!("parity: {pass} passed, {fail} failed, {skip} skipped");
-    ok
+    fail == 0
 }
