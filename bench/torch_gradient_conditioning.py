@@ -8,7 +8,7 @@ once in float64 and then in float32 at that point rounded to float32 and moved b
 per element. It counts how often ∂L/∂f(z*) moves by more than 1e-4 (a tenth of the grad.*
 tolerance) and lists the final-layer pre-activations nearest the ReLU kink.
 
-    python3 bench/torch_gradient_conditioning.py [../shared/fixtures/cls-tiny] [trials]
+    python3 bench/torch_gradient_conditioning.py [fixtures/cls-tiny] [trials]
 """
 import sys
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-fixture = sys.argv[1] if len(sys.argv) > 1 else "../shared/fixtures/cls-tiny"
+fixture = sys.argv[1] if len(sys.argv) > 1 else "fixtures/cls-tiny"
 trials = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 torch.set_num_threads(2)
 W = load_file(f"{fixture}/weights.safetensors")
