@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Is float32 gradient parity on cls-tiny well posed? PyTorch's own answer, without mdeq.
 
-Runs the official classification head (written out here from the spec, §2.1: incre bottlenecks,
+Runs the official classification head (written out here from docs/reference.md §2.1: incre bottlenecks,
 downsamp, final layer, pool, classifier; BatchNorm in train mode as in the fixture's train path)
 in PyTorch on the fixture's float64 equilibrium (io_f64 train.zstar, which is f(z*) to 1e-14),
 once in float64 and then in float32 at that point rounded to float32 and moved by random ±k ulp

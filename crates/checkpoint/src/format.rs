@@ -6,7 +6,9 @@ use crate::error::CheckpointError;
 use crate::import::load_into;
 use crate::official::read_state_dict_bytes;
 use candle_core::{DType, Device, Tensor};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -19,6 +21,28 @@ pub const FORMAT_KEY: &str = "mdeq.format";
 pub const OPTIMIZER_PREFIX: &str = "optim.";
 /// Current format version.
 pub const FORMAT_VERSION: &str = "1";
+/// Metadata key holding a training checkpoint's [`TrainingState`] (JSON).
+pub const TRAINING_STATE_KEY: &str = "mdeq.train_state";
+
+/// Where a training run stood when it wrote a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingState {
+    /// Optimizer steps taken (the next step's index).
+    pub step: usize,
+    /// The optimizer's own step count (Adam's bias correction).
+    pub optimizer_steps: u64,
+    /// Best evaluation score so far.
+    pub best_score: f64,
+}
+
+/// What a training checkpoint holds beside the weights.
+pub struct TrainingCheckpoint {
+    /// Where the run stood.
+    pub state: TrainingState,
+    /// The optimizer's tensors, named with [`OPTIMIZER_PREFIX`].
+    pub optimizer: Vec<(String, Tensor)>,
+}
 
 /// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
@@ -55,28 +79,72 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     result.map_err(io)
 }
 
-/// Serialises the model's state dict with `config` embedded.
+/// Serialises the model's state dict with `config` embedded, and the training state when given.
 pub fn checkpoint_bytes(
     model: &Mdeq,
     config: &ExperimentConfig,
-    extra: &HashMap<String, String>,
+    training: Option<&TrainingCheckpoint>,
 ) -> Result<Vec<u8>, CheckpointError> {
-    let mut metadata = extra.clone();
-    metadata.insert(CONFIG_KEY.into(), config.to_toml_string());
-    metadata.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
-    let tensors: Vec<(String, Tensor)> = model
+    let mut metadata = HashMap::new();
+    metadata.insert(CONFIG_KEY.to_string(), config.to_toml_string());
+    metadata.insert(FORMAT_KEY.to_string(), FORMAT_VERSION.to_string());
+    let mut tensors: Vec<(String, Tensor)> = model
         .store()
         .entries()
         .iter()
         .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
         .collect();
+    if let Some(t) = training {
+        let state = serde_json::to_string(&t.state).expect("training state serialises");
+        metadata.insert(TRAINING_STATE_KEY.to_string(), state);
+        tensors.extend(t.optimizer.iter().cloned());
+    }
     safetensors::tensor::serialize(tensors, Some(metadata))
         .map_err(|e| CheckpointError::format("<memory>", e.to_string()))
 }
 
-/// Saves a checkpoint atomically.
-pub fn save(path: &Path, model: &Mdeq, config: &ExperimentConfig) -> Result<(), CheckpointError> {
-    write_atomic(path, &checkpoint_bytes(model, config, &HashMap::new())?)
+/// Saves a checkpoint atomically: the weights and config, and for training runs where they
+/// stood (what `--resume` continues from).
+pub fn save(
+    path: &Path,
+    model: &Mdeq,
+    config: &ExperimentConfig,
+    training: Option<&TrainingCheckpoint>,
+) -> Result<(), CheckpointError> {
+    write_atomic(path, &checkpoint_bytes(model, config, training)?)
+}
+
+/// Loads a training checkpoint's weights into `model` and returns where the run stood, with
+/// the optimizer's tensors; a checkpoint that `mdeq train` did not write is an error naming it.
+pub fn load_training(path: &Path, model: &Mdeq) -> Result<TrainingCheckpoint, CheckpointError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        CheckpointError::format(
+            &p,
+            format!("not an mdeq checkpoint (invalid safetensors: {e})"),
+        )
+    })?;
+    let text = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(TRAINING_STATE_KEY))
+        .ok_or_else(|| {
+            CheckpointError::format(&p, "no training state: not written by `mdeq train`")
+        })?;
+    let state: TrainingState = serde_json::from_str(text).map_err(|e| {
+        CheckpointError::format(&p, format!("training state ('{TRAINING_STATE_KEY}'): {e}"))
+    })?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| CheckpointError::format(&p, e.to_string()))?;
+    let (optimizer, weights): (Vec<_>, Vec<_>) = tensors
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(OPTIMIZER_PREFIX));
+    load_into(model, weights, &p)?;
+    Ok(TrainingCheckpoint { state, optimizer })
 }
 
 /// Reads the embedded config of a checkpoint.

@@ -1,4 +1,4 @@
-//! Official key hygiene (spec §1.9) and strict loading of a state dict into a model.
+//! Official key hygiene (reference §1.9) and strict loading of a state dict into a model.
 
 use crate::error::{CheckpointError, KeyReport};
 use crate::official::StateDict;

@@ -3,13 +3,11 @@
 use candle_core::{DType, Device};
 use mdeq_checkpoint::official::read_state_dict_bytes;
 use mdeq_checkpoint::{format, import, read_state_dict, CheckpointError};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
 
 fn fixture(rel: &str) -> String {
-    format!(
-        "{}/../../../shared/fixtures/{rel}",
-        env!("CARGO_MANIFEST_DIR")
-    )
+    format!("{}/../../fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))
 }
 
 fn tiny() -> (ExperimentConfig, Mdeq) {
@@ -186,7 +184,7 @@ fn checkpoints_embed_their_config_and_round_trip() {
     let dir = std::env::temp_dir().join(format!("mdeq-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.safetensors");
-    format::save(&path, &model, &cfg).unwrap();
+    format::save(&path, &model, &cfg, None).unwrap();
     let (cfg2, model2) = format::load(&path, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(cfg, cfg2);
     for (a, b) in model.store().entries().iter().zip(model2.store().entries()) {

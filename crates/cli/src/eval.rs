@@ -5,7 +5,6 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use mdeq_checkpoint::format;
 use mdeq_data::Split;
-use mdeq_model::equilibrium::DeqRuntime;
 use mdeq_train::data::RecipeSplit;
 use mdeq_train::evaluate::{evaluate, EvalMode, EvalResult};
 use serde_json::json;
@@ -55,7 +54,7 @@ pub fn run(req: &EvalRequest) -> Result<(Vec<EvalPoint>, Vec<String>)> {
     for t in thresholds {
         let mut deq = cfg.deq.clone();
         deq.f_thres = t;
-        let rt = DeqRuntime::from_config(&deq)?;
+        let rt = deq.runtime();
         let result = evaluate(&model, &loader, EvalMode::Deq(&rt), req.limit)?;
         points.push(EvalPoint { f_thres: t, result });
     }

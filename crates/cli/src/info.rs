@@ -1,6 +1,7 @@
 //! `mdeq info`: architecture summary, parameter counts and solver state size.
 
-use mdeq_model::{ExperimentConfig, Mdeq, Task};
+use mdeq_model::{Mdeq, Task};
+use mdeq_recipe::ExperimentConfig;
 use std::fmt::Write;
 
 /// Parameter counts of a built model.

@@ -5,7 +5,8 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use mdeq::{info, parity};
 use mdeq_checkpoint::{format, import, official};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
 use std::path::PathBuf;
 
 // candle allocates a fresh buffer per op; glibc hands large ones back to the kernel at once, so
@@ -165,7 +166,7 @@ enum Command {
     /// side with the PyTorch reference; the last stdout line is a JSON object with the ratios.
     Bench {
         /// Fixture folder with config.yaml, meta.json and weights.safetensors.
-        #[arg(long, default_value = "../shared/fixtures/cls-tiny")]
+        #[arg(long, default_value = "fixtures/cls-tiny")]
         fixture: String,
         /// Batch size.
         #[arg(long, default_value_t = 32)]
@@ -186,7 +187,7 @@ enum Command {
         #[arg(long)]
         compare_torch: Option<String>,
         /// The PyTorch reference script.
-        #[arg(long, default_value = "../shared/bench/torch_cell.py")]
+        #[arg(long, default_value = "bench/torch_cell.py")]
         torch_script: String,
         /// Print only the JSON report (one line) on stdout.
         #[arg(long)]
@@ -241,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
             let entries = official::read_state_dict(&file)?;
             let (_, dropped) = import::normalize_keys(entries.clone());
             import::load_into(&model, entries, &file)?;
-            format::save(&out, &model, &cfg)?;
+            format::save(&out, &model, &cfg, None)?;
             println!(
                 "imported {} tensors from {file} into {} ({} ignored: fullstage_copy/deq/loss entries)",
                 model.store().entries().len(),
@@ -425,8 +426,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Presets => {
-            for (name, _) in mdeq_model::config::presets::PRESETS {
-                let cfg = mdeq_model::config::presets::preset_or_error(name)?;
+            for (name, _) in mdeq_recipe::presets::PRESETS {
+                let cfg = mdeq_recipe::presets::preset_or_error(name)?;
                 println!(
                     "{name:<20} {}",
                     cfg.model

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use mdeq_checkpoint::format;
 use mdeq_data::image_folder::decode_image;
 use mdeq_data::{DatasetKind, Image, Sample, Split, Target, Transform};
-use mdeq_model::equilibrium::{eval_forward, DeqRuntime};
+use mdeq_model::equilibrium::eval_forward;
 use mdeq_model::Task;
 use mdeq_train::loss::predict_pixels;
 use serde::Serialize;
@@ -39,7 +39,7 @@ pub fn run(
     let (cfg, model) = format::load(checkpoint, DType::F32, &Device::Cpu)?;
     let kind = DatasetKind::parse(&cfg.data.dataset)?;
     let names = kind.class_names(cfg.model.num_classes);
-    let rt = DeqRuntime::from_config(&cfg.deq)?;
+    let rt = cfg.deq.runtime();
     let norm = kind.normalization();
     let [h, w] = cfg.model.image_size;
     let mut preds = Vec::new();

@@ -273,10 +273,7 @@ fn segmentation_train_eval_predict() {
 
 #[test]
 fn bench_times_every_figure_and_prints_its_json_report() {
-    let fixture = format!(
-        "{}/../../../shared/fixtures/cls-tiny",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let fixture = format!("{}/../../fixtures/cls-tiny", env!("CARGO_MANIFEST_DIR"));
     let stdout = mdeq(&[
         "bench",
         "--fixture",

@@ -1,12 +1,13 @@
-//! `mdeq parity` on every fixture under ../shared/fixtures, for every weights format.
+//! `mdeq parity` on every fixture under fixtures/, for every weights format.
 
 use candle_core::{DType, Device, Tensor};
 use mdeq::parity::{run, Centre, ParityOptions, Report, Row, Status};
-use mdeq_model::equilibrium::{train_gradients, DeqRuntime, Phase};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
+use mdeq_train::step::{train_gradients, Phase};
 
 fn fixtures() -> String {
-    format!("{}/../../../shared/fixtures", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/../../fixtures", env!("CARGO_MANIFEST_DIR"))
 }
 
 fn parity(name: &str, weights: &str, dtype: DType) -> Report {
@@ -189,7 +190,7 @@ fn graph_held_for_the_backward_does_not_grow_with_solver_steps() {
         let mut deq = cfg.deq.clone();
         deq.f_thres = steps;
         deq.eps = 1e-12;
-        let rt = DeqRuntime::from_config(&deq).unwrap();
+        let rt = deq.runtime();
         let g = train_gradients(&model, &x, &masks, &loss, &rt, Phase::Deq, None).unwrap();
         assert_eq!(g.forward_stats.unwrap().steps, steps);
         g.graph_size

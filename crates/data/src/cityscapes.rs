@@ -1,6 +1,6 @@
 //! Cityscapes: `leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png` with
 //! `gtFine/<split>/<city>/<stem>_gtFine_labelIds.png`; labelIds map to the 19 train ids, every
-//! other id to the ignore label (spec §5.3).
+//! other id to the ignore label (reference §5.3).
 
 use crate::image_folder::{decode_rgb, sorted_entries};
 use crate::{DataError, Dataset, Image, Sample, Split, Target, IGNORE_LABEL};

@@ -1,4 +1,4 @@
-//! The recipes' augmentations (spec §5.2–5.3) on raw 8-bit samples, and normalisation.
+//! The recipes' augmentations (reference §5.2–5.3) on raw 8-bit samples, and normalisation.
 //!
 //! Every random choice is drawn from the generator the loader passes in, which is seeded per
 //! (seed, epoch, sample), so a batch is the same whichever thread decodes it and whether or not

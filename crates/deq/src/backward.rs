@@ -2,7 +2,7 @@
 //!
 //! With out = f(z*) computed once with the graph recorded and gbar = ∂L/∂out arriving from
 //! the loss, the implicit (IFT) mode replaces gbar by the solution y of y = y J + gbar, J = ∂f/∂z
-//! at z* (spec §4.4); the caller then backpropagates y through the same one application of f to
+//! at z* (reference §4.4); the caller then backpropagates y through the same one application of f to
 //! the parameters and the injection. Everything here works on (B, D) tensors and closures.
 
 use crate::solver::{FixedPointMap, Solution, SolverKind, SolverOptions};

@@ -4,7 +4,7 @@ use crate::solver::FixedPointMap;
 use candle_core::{DType, Result, Tensor};
 use rand::Rng;
 
-/// Spectral radius of J at z* by power iteration with VJPs (spec §4.5): v ← vJ / ‖vJ‖ per
+/// Spectral radius of J at z* by power iteration with VJPs (reference §4.5): v ← vJ / ‖vJ‖ per
 /// sample; returns the per-sample Rayleigh quotient |⟨vJ, v⟩| / ⟨v, v⟩ after `iterations` steps.
 pub fn spectral_radius(
     vjp: &mut dyn FnMut(&Tensor) -> Result<Tensor>,

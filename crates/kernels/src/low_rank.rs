@@ -1,5 +1,5 @@
 //! Products with a per-sample low-rank-plus-identity matrix, −x + Σ_k a_k ⟨b_k, x⟩ for each row
-//! of (B, D) tensors: the whole of Broyden's inverse-Jacobian algebra (spec §3.2).
+//! of (B, D) tensors: the whole of Broyden's inverse-Jacobian algebra (reference §3.2).
 //!
 //! Composed from candle ops, each of the k terms costs a product, a reduction, a broadcast
 //! product and a sum, each a fresh (B, D) tensor; here the k dot products and the k updates of

@@ -1,5 +1,5 @@
 //! The Multiscale Deep Equilibrium Model (Bai, Koltun, Kolter, NeurIPS 2020), numerically faithful
-//! to the official MDEQ-Vision code. See `shared/docs/mdeq-spec.md` for the reference behaviour.
+//! to the official MDEQ-Vision code. `docs/reference.md` describes the reference behaviour.
 
 pub mod cell;
 pub mod config;
@@ -11,7 +11,7 @@ pub mod params;
 pub mod state;
 pub mod stem;
 
-pub use config::{ExperimentConfig, ModelConfig, Task};
+pub use config::{ModelConfig, Task};
 pub use mdeq::Mdeq;
 pub use params::ParamStore;
 pub use state::StateLayout;

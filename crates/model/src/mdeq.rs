@@ -104,7 +104,7 @@ impl Mdeq {
         }
     }
 
-    /// The injection list: branch 0 is stage0(stem(image)), the others are zeros (spec §1.1).
+    /// The injection list: branch 0 is stage0(stem(image)), the others are zeros (reference §1.1).
     pub fn injection(&self, image: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let (b, _, h, w) = image.dims4()?;
         self.config

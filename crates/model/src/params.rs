@@ -95,7 +95,7 @@ pub struct ParamBuilder<'a> {
     prefix: String,
 }
 
-/// How a new parameter is initialised (spec §1.7).
+/// How a new parameter is initialised (reference §1.7).
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
     /// Constant value.

@@ -1,5 +1,5 @@
 //! The flattened multiscale state: branches concatenated, each (C, H, W) row-major per sample
-//! (spec §3.1), so the image-agnostic solvers see one (B, D) tensor.
+//! (reference §3.1), so the image-agnostic solvers see one (B, D) tensor.
 
 use candle_core::{Result, Tensor};
 

@@ -1,4 +1,4 @@
-//! The stem (`downsample.*`) and the injection transform (`stage0.*`) (spec §1.2).
+//! The stem (`downsample.*`) and the injection transform (`stage0.*`) (reference §1.2).
 
 use crate::config::ModelConfig;
 use crate::nn::Relu0;

@@ -6,7 +6,8 @@
 use candle_core::{DType, Device, Tensor, Var};
 use mdeq_deq::{FixedPointMap, GraphVjp};
 use mdeq_model::cell::solver_map::{CellMap, CellVjp};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
 use rand::SeedableRng;
 
 const RECIPE: &str = r#"

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, Tensor};
 use mdeq_deq::{Coupling, SampleStatus, SolverKind, SolverOptions, StopMode};
 use mdeq_model::cell::solver_map::CellMap;
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
 use rand::SeedableRng;
 
 const RECIPE: &str = r#"

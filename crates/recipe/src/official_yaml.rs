@@ -4,9 +4,9 @@
 //! `lib/config/models.py`), so a missing key takes the official default here too. Keys that only
 //! matter to other HRNet tasks (pose joints, heatmaps, ...) are accepted and ignored, as yacs does.
 
-use super::{
+use crate::{
     ClassificationHeadConfig, ConfigError, DataConfig, DeqConfig, ExperimentConfig, LrSchedule,
-    ModelConfig, OptimizerKind, SegmentationHeadConfig, StopMode, Task, TrainConfig,
+    ModelConfig, OptimizerKind, SegmentationHeadConfig, SolverKind, StopMode, Task, TrainConfig,
 };
 use serde_yaml::Value;
 
@@ -212,20 +212,21 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
             ))
         }
     };
+    let solver = |key: &str| -> Result<SolverKind, ConfigError> {
+        let name = y.str_or(key, "broyden")?;
+        SolverKind::from_name(&name).ok_or_else(|| y.err(key, format!("unknown solver '{name}'")))
+    };
+    let ours = DeqConfig::default();
     let deq = DeqConfig {
-        f_solver: y.str_or("DEQ.F_SOLVER", "broyden")?,
-        b_solver: y.str_or("DEQ.B_SOLVER", "broyden")?,
-        f_thres: y.usize_or("DEQ.F_THRES", 30)?,
-        b_thres: y.usize_or("DEQ.B_THRES", 40)?,
+        f_solver: solver("DEQ.F_SOLVER")?,
+        b_solver: solver("DEQ.B_SOLVER")?,
+        f_thres: y.usize_or("DEQ.F_THRES", ours.f_thres)?,
+        b_thres: y.usize_or("DEQ.B_THRES", ours.b_thres)?,
         stop_mode,
-        eps: 1e-3,
+        // The official defaults that differ from ours.
         pretrain_steps: y.usize_or("TRAIN.PRETRAIN_STEPS", 100_000)?,
         rand_f_thres_delta: y.usize_or("DEQ.RAND_F_THRES_DELTA", 2)?,
-        coupling: super::Coupling::PerSample,
-        backward: super::BackwardMode::Ift,
-        fallback: Vec::new(),
-        max_history_pairs: None,
-        compact_batch: true,
+        ..ours
     };
 
     let optimizer = match y
@@ -243,28 +244,33 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
         }
     };
     let gpus = y.list_len_or("GPUS", 1).max(1);
+    let ours = TrainConfig::default();
     let train = TrainConfig {
         optimizer,
-        lr: y.f64_or("TRAIN.LR", 0.001)?,
+        lr: y.f64_or("TRAIN.LR", ours.lr)?,
         // The released segmentation models were trained with poly decay whatever the yaml says
-        // (spec §5.4).
+        // (reference §5.4).
         lr_schedule: if is_seg {
             LrSchedule::Poly
         } else {
             LrSchedule::Cosine
         },
+        // The official defaults for decay, momentum and augmentation differ from ours.
         weight_decay: y.f64_or("TRAIN.WD", 0.0001)?,
         momentum: y.f64_or("TRAIN.MOMENTUM", 0.9)?,
         nesterov: y.bool_or("TRAIN.NESTEROV", false)?,
-        epochs: y.usize_or("TRAIN.END_EPOCH", 140)?,
-        batch_size: y.usize_or("TRAIN.BATCH_SIZE_PER_GPU", 32)? * gpus,
+        epochs: y.usize_or("TRAIN.END_EPOCH", ours.epochs)?,
+        batch_size: y.usize_or("TRAIN.BATCH_SIZE_PER_GPU", ours.batch_size)? * gpus,
         augment: y.bool_or("DATASET.AUGMENT", true)?,
-        jac_loss_weight: y.f64_or("LOSS.JAC_LOSS_WEIGHT", 0.0)?,
-        jac_loss_freq: y.f64_or("LOSS.JAC_LOSS_FREQ", 0.0)?,
-        pretrain_jac_loss_weight: y.f64_or("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0.0)?,
-        jac_incremental: y.f64_or("LOSS.JAC_INCREMENTAL", 1e8)? as u64,
-        jac_stop_epoch: y.f64_or("LOSS.JAC_STOP_EPOCH", 1e8)? as u64,
-        jac_fd_step: 1e-3,
+        jac_loss_weight: y.f64_or("LOSS.JAC_LOSS_WEIGHT", ours.jac_loss_weight)?,
+        jac_loss_freq: y.f64_or("LOSS.JAC_LOSS_FREQ", ours.jac_loss_freq)?,
+        pretrain_jac_loss_weight: y.f64_or(
+            "LOSS.PRETRAIN_JAC_LOSS_WEIGHT",
+            ours.pretrain_jac_loss_weight,
+        )?,
+        jac_incremental: y.f64_or("LOSS.JAC_INCREMENTAL", ours.jac_incremental as f64)? as u64,
+        jac_stop_epoch: y.f64_or("LOSS.JAC_STOP_EPOCH", ours.jac_stop_epoch as f64)? as u64,
+        ..ours
     };
     let data = DataConfig {
         dataset,

@@ -1,52 +1,52 @@
 //! Presets named after the official MDEQ-Vision experiments (`configs/presets/*.toml`).
 
-use super::{ConfigError, ExperimentConfig};
+use crate::{ConfigError, ExperimentConfig};
 
 /// (name, TOML text) of every built-in preset.
 pub const PRESETS: &[(&str, &str)] = &[
     (
         "cifar-tiny",
-        include_str!("../../../../configs/presets/cifar-tiny.toml"),
+        include_str!("../../../configs/presets/cifar-tiny.toml"),
     ),
     (
         "cifar-large",
-        include_str!("../../../../configs/presets/cifar-large.toml"),
+        include_str!("../../../configs/presets/cifar-large.toml"),
     ),
     (
         "cifar-large-reg",
-        include_str!("../../../../configs/presets/cifar-large-reg.toml"),
+        include_str!("../../../configs/presets/cifar-large-reg.toml"),
     ),
     (
         "imagenet-small",
-        include_str!("../../../../configs/presets/imagenet-small.toml"),
+        include_str!("../../../configs/presets/imagenet-small.toml"),
     ),
     (
         "imagenet-small-reg",
-        include_str!("../../../../configs/presets/imagenet-small-reg.toml"),
+        include_str!("../../../configs/presets/imagenet-small-reg.toml"),
     ),
     (
         "imagenet-large",
-        include_str!("../../../../configs/presets/imagenet-large.toml"),
+        include_str!("../../../configs/presets/imagenet-large.toml"),
     ),
     (
         "imagenet-large-reg",
-        include_str!("../../../../configs/presets/imagenet-large-reg.toml"),
+        include_str!("../../../configs/presets/imagenet-large-reg.toml"),
     ),
     (
         "imagenet-xl",
-        include_str!("../../../../configs/presets/imagenet-xl.toml"),
+        include_str!("../../../configs/presets/imagenet-xl.toml"),
     ),
     (
         "cityscapes-small",
-        include_str!("../../../../configs/presets/cityscapes-small.toml"),
+        include_str!("../../../configs/presets/cityscapes-small.toml"),
     ),
     (
         "cityscapes-large",
-        include_str!("../../../../configs/presets/cityscapes-large.toml"),
+        include_str!("../../../configs/presets/cityscapes-large.toml"),
     ),
     (
         "cityscapes-xl",
-        include_str!("../../../../configs/presets/cityscapes-xl.toml"),
+        include_str!("../../../configs/presets/cityscapes-xl.toml"),
     ),
 ];
 

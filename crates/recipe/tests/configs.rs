@@ -1,10 +1,11 @@
-//! Presets, strict TOML, official YAML files and the parameter counts of spec §1.8.
+//! Presets, strict TOML, official YAML files and the parameter counts of reference §1.8.
 
 use candle_core::{DType, Device};
-use mdeq_model::config::presets::{preset_or_error, PRESETS};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::presets::{preset_or_error, PRESETS};
+use mdeq_recipe::ExperimentConfig;
 
-/// Trainable parameters of every official config (spec §1.8, computed from the module structure).
+/// Trainable parameters of every official config (reference §1.8, computed from the module structure).
 const COUNTS: &[(&str, usize, usize)] = &[
     ("cifar-tiny", 158_890, 111_696),
     ("cifar-large", 11_097_438, 8_715_232),
@@ -99,7 +100,7 @@ fn unknown_preset_lists_the_known_ones() {
 
 #[test]
 fn official_yaml_fixtures_read_as_their_meta_says() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
     for name in ["cls-tiny", "seg-tiny"] {
         let cfg = ExperimentConfig::load(&format!("{root}/{name}/config.yaml")).unwrap();
         let meta: serde_json::Value = serde_json::from_str(
@@ -146,12 +147,10 @@ fn official_yaml_fixtures_read_as_their_meta_says() {
 
 #[test]
 fn yaml_type_errors_name_the_key() {
-    let err = mdeq_model::config::official_yaml::from_yaml_str(
-        "MODEL:\n  NUM_GROUPS: eight\n",
-        "bad.yaml",
-    )
-    .unwrap_err()
-    .to_string();
+    let err =
+        mdeq_recipe::official_yaml::from_yaml_str("MODEL:\n  NUM_GROUPS: eight\n", "bad.yaml")
+            .unwrap_err()
+            .to_string();
     assert!(
         err.contains("MODEL.NUM_GROUPS") && err.contains("bad.yaml"),
         "{err}"

@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Result};
 use mdeq_data::{open_dataset, BatchLoader, Dataset, DatasetKind, Split};
-use mdeq_model::{ExperimentConfig, Task};
+use mdeq_model::Task;
+use mdeq_recipe::ExperimentConfig;
 use std::path::Path;
 use std::sync::Arc;
 

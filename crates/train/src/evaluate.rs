@@ -65,7 +65,7 @@ impl EvalResult {
 /// How the model is run for evaluation.
 #[derive(Debug, Clone, Copy)]
 pub enum EvalMode<'a> {
-    /// Equilibrium solve (spec §4.3).
+    /// Equilibrium solve (reference §4.3).
     Deq(&'a DeqRuntime),
     /// `layers` unrolled applications (pretraining phase).
     Unrolled(usize),

@@ -9,6 +9,7 @@ pub mod optimizer;
 pub mod plots;
 pub mod run_log;
 pub mod schedule;
+pub mod step;
 pub mod tensorboard;
 pub mod trainer;
 

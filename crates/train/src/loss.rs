@@ -1,6 +1,6 @@
 //! Training losses: cross-entropy on classes, and the segmentation loss of the official recipe
 //! (logits upsampled bilinearly with align_corners = true to the label size, per-class weighted
-//! cross-entropy that skips the ignore label, spec §5.3).
+//! cross-entropy that skips the ignore label, reference §5.3).
 
 use candle_core::{DType, Result, Tensor};
 use mdeq_data::IGNORE_LABEL;

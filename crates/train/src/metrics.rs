@@ -1,5 +1,5 @@
 //! Scores: top-k accuracy for classification, the confusion matrix and IoU for segmentation
-//! (spec §5.3: pixels labelled ignore are skipped; IoU_c = TP / max(1, TP + FP + FN)).
+//! (reference §5.3: pixels labelled ignore are skipped; IoU_c = TP / max(1, TP + FP + FN)).
 
 use candle_core::{DType, Result, Tensor};
 use mdeq_data::IGNORE_LABEL;

@@ -1,8 +1,8 @@
 //! Adam and SGD with the official semantics: L2 weight decay added to the gradient (not
-//! decoupled), applied to every parameter (spec §5.1).
+//! decoupled), applied to every parameter (reference §5.1).
 
 use candle_core::{Result, Tensor, Var};
-use mdeq_model::config::{OptimizerKind, TrainConfig};
+use mdeq_recipe::{OptimizerKind, TrainConfig};
 
 /// Optimizer state for one parameter.
 #[derive(Debug, Clone)]
@@ -131,7 +131,7 @@ impl Optimizer {
 mod tests {
     use super::Optimizer;
     use candle_core::{Device, Tensor, Var};
-    use mdeq_model::config::{OptimizerKind, TrainConfig};
+    use mdeq_recipe::{OptimizerKind, TrainConfig};
 
     #[test]
     fn optimizer_state_holds_no_recorded_graph() {

@@ -12,7 +12,7 @@ pub fn cosine(lr0: f64, step: usize, total: usize) -> f64 {
 }
 
 /// Polynomial decay lr0·(1 − step/total)^0.9, the schedule the released Cityscapes models were
-/// trained with (spec §5.4).
+/// trained with (reference §5.4).
 pub fn poly(lr0: f64, step: usize, total: usize) -> f64 {
     if total == 0 {
         return lr0;

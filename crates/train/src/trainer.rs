@@ -5,19 +5,15 @@
 
 use crate::data::RecipeSplit;
 use crate::evaluate::{batch_score, evaluate, EvalMode, EvalResult};
-use crate::loss::{classification_loss, segmentation_loss};
 use crate::optimizer::Optimizer;
 use crate::run_log::{RunLog, StepRecord};
-use crate::schedule::{cosine, poly};
-use anyhow::{bail, Context, Result};
+use crate::step::{train_step, Phase, StepPlan};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use mdeq_checkpoint::format::{write_atomic, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
+use mdeq_checkpoint::format::{self, TrainingCheckpoint, TrainingState};
 use mdeq_data::Split;
-use mdeq_model::config::LrSchedule;
-use mdeq_model::equilibrium::{train_gradients, DeqRuntime, JacobianPenalty, Phase};
-use mdeq_model::{ExperimentConfig, Mdeq, Task};
-use rand::SeedableRng;
-use serde_json::json;
+use mdeq_model::{Mdeq, Task};
+use mdeq_recipe::ExperimentConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -56,91 +52,25 @@ pub struct TrainSummary {
     pub last_loss: f64,
 }
 
-const STATE_KEY: &str = "mdeq.train_state";
-
+/// Writes a resumable checkpoint: weights, config, optimizer and where the run stood.
 fn save_checkpoint(
     path: &Path,
     model: &Mdeq,
     cfg: &ExperimentConfig,
     opt: &Optimizer,
     step: usize,
-    best: f64,
+    best_score: f64,
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = model
-        .store()
-        .entries()
-        .iter()
-        .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
-        .collect();
-    tensors.extend(opt.state());
-    let mut meta = HashMap::new();
-    meta.insert(CONFIG_KEY.to_string(), cfg.to_toml_string());
-    meta.insert(FORMAT_KEY.to_string(), FORMAT_VERSION.to_string());
-    meta.insert(
-        STATE_KEY.to_string(),
-        json!({ "step": step, "optimizer_steps": opt.steps(), "best_score": best }).to_string(),
-    );
-    let bytes = safetensors::tensor::serialize(tensors, Some(meta))?;
-    write_atomic(path, &bytes)?;
-    Ok(())
-}
-
-fn load_checkpoint(path: &Path, model: &Mdeq, opt: &mut Optimizer) -> Result<(usize, f64)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let state: serde_json::Value = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(STATE_KEY))
-        .map(|s| serde_json::from_str(s))
-        .transpose()?
-        .with_context(|| {
-            format!(
-                "{}: no training state (not written by mdeq train)",
-                path.display()
-            )
-        })?;
-    let all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    let (optim, weights): (HashMap<String, Tensor>, HashMap<String, Tensor>) = all
-        .into_iter()
-        .partition(|(k, _)| k.starts_with(mdeq_checkpoint::format::OPTIMIZER_PREFIX));
-    let entries: Vec<(String, Tensor)> = weights.into_iter().collect();
-    mdeq_checkpoint::import::load_into(model, entries, &path.display().to_string())?;
-    opt.restore(state["optimizer_steps"].as_u64().unwrap_or(0), &optim);
-    Ok((
-        state["step"].as_u64().unwrap_or(0) as usize,
-        state["best_score"].as_f64().unwrap_or(0.0),
-    ))
-}
-
-/// The official Jacobian-loss schedule (spec §4.5): the pretraining weight while pretraining,
-/// then JAC_LOSS_WEIGHT + 0.1 per JAC_INCREMENTAL steps until JAC_STOP_EPOCH, applied on a
-/// random JAC_LOSS_FREQ fraction of steps (drawn from the seed and the step, so resuming
-/// reproduces it).
-pub fn jacobian_penalty(
-    cfg: &ExperimentConfig,
-    step: usize,
-    epoch: usize,
-    seed: u64,
-) -> Option<JacobianPenalty> {
-    let t = &cfg.train;
-    let pretrain = cfg.deq.pretrain_steps;
-    let factor = if step < pretrain {
-        t.pretrain_jac_loss_weight
-    } else if epoch as u64 >= t.jac_stop_epoch {
-        0.0
-    } else {
-        t.jac_loss_weight + 0.1 * ((step - pretrain) as u64 / t.jac_incremental.max(1)) as f64
+    let training = TrainingCheckpoint {
+        state: TrainingState {
+            step,
+            optimizer_steps: opt.steps(),
+            best_score,
+        },
+        optimizer: opt.state(),
     };
-    let draw_seed = seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(draw_seed);
-    let draw: f64 = rand::Rng::gen(&mut rng);
-    (factor > 0.0 && draw < t.jac_loss_freq).then_some(JacobianPenalty {
-        factor,
-        probes: 2,
-        step_size: t.jac_fd_step,
-        seed: draw_seed.rotate_left(17),
-    })
+    format::save(path, model, cfg, Some(&training))?;
+    Ok(())
 }
 
 /// Trains `cfg` as `opts` says.
@@ -166,10 +96,19 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     let best_path = opts.out.join("checkpoint-best.safetensors");
     let (mut step, mut best) = (0usize, 0f64);
     if opts.resume && last_path.exists() {
-        (step, best) = load_checkpoint(&last_path, &model, &mut opt)?;
+        let resumed = format::load_training(&last_path, &model)?;
+        let optimizer: HashMap<String, Tensor> = resumed.optimizer.into_iter().collect();
+        opt.restore(resumed.state.optimizer_steps, &optimizer);
+        (step, best) = (resumed.state.step, resumed.state.best_score);
         eprintln!("resumed from {} at step {step}", last_path.display());
     }
-    let rt = DeqRuntime::from_config(&cfg.deq)?;
+    let plan = StepPlan {
+        cfg,
+        runtime: cfg.deq.runtime(),
+        total_steps: total,
+        seed: opts.seed,
+        class_weights,
+    };
     let stop = opts.max_steps.map_or(total, |m| m.min(total));
     let mut log = RunLog::open(&opts.out)?;
     let mut summary = TrainSummary {
@@ -199,32 +138,10 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
         let last = per_epoch.min(first + (stop - step));
         for batch in loader.prefetch(first..last, 3) {
             let batch = batch?;
-            let mut mask_rng = rand::rngs::StdRng::seed_from_u64(
-                opts.seed.wrapping_mul(31).wrapping_add(step as u64),
-            );
-            let masks = model.dropout_masks(batch.images.dim(0)?, true, &mut mask_rng)?;
-            let phase = if step < cfg.deq.pretrain_steps {
-                Phase::Unrolled(cfg.model.num_layers)
-            } else {
-                Phase::Deq
-            };
-            let labels = &batch.labels;
-            let loss_fn = |logits: &Tensor| match task {
-                Task::Classification => classification_loss(logits, labels),
-                Task::Segmentation => segmentation_loss(logits, labels, class_weights.as_ref()),
-            };
-            let penalty = jacobian_penalty(cfg, step, epoch, opts.seed);
-            let g = train_gradients(&model, &batch.images, &masks, &loss_fn, &rt, phase, penalty)?;
-            let loss = g.loss.to_scalar::<f32>()? as f64;
-            if !loss.is_finite() {
-                bail!("step {step}: the loss is {loss}; stopping before it reaches the weights (last checkpoint: {})", last_path.display());
-            }
-            let grads: Vec<Option<Tensor>> = g.grads.iter().map(|(_, t)| t.clone()).collect();
-            let lr = match cfg.train.lr_schedule {
-                LrSchedule::Cosine => cosine(cfg.train.lr, step, total),
-                LrSchedule::Poly => poly(cfg.train.lr, step, total),
-            };
-            opt.step(&params, &grads, lr)?;
+            let outcome = train_step(&plan, &model, &params, &mut opt, &batch, step, epoch)
+                .with_context(|| format!("last checkpoint: {}", last_path.display()))?;
+            let (g, loss, lr, phase) =
+                (&outcome.gradients, outcome.loss, outcome.lr, outcome.phase);
             step += 1;
             bar.set_position(step as u64);
             images_seen += batch.images.dim(0)?;
@@ -267,7 +184,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
                 let mode = if step <= cfg.deq.pretrain_steps {
                     EvalMode::Unrolled(cfg.model.num_layers)
                 } else {
-                    EvalMode::Deq(&rt)
+                    EvalMode::Deq(&plan.runtime)
                 };
                 let result = evaluate(&model, &test_loader, mode, opts.eval_limit)?;
                 log.eval(step, epoch, &result)?;

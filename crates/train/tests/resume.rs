@@ -2,8 +2,8 @@
 //! written, and a run interrupted and resumed ends bit-for-bit where an uninterrupted one does.
 
 use mdeq_data::Split;
-use mdeq_model::ExperimentConfig;
-use mdeq_train::trainer::jacobian_penalty;
+use mdeq_recipe::ExperimentConfig;
+use mdeq_train::step::{jacobian_penalty, jittered_threshold};
 use mdeq_train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
 
@@ -198,4 +198,59 @@ fn jacobian_loss_follows_the_official_schedule_and_is_logged() {
         "{penalties:?}"
     );
     std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn forward_threshold_is_jittered_on_jacobian_loss_steps_as_the_official_code_does(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut cfg = config();
+    cfg.deq.f_thres = 18;
+    cfg.deq.rand_f_thres_delta = 2;
+    // numpy's randint(-2, 2): δ uniform over {-2, -1, 0, 1}.
+    let mut counts = std::collections::BTreeMap::new();
+    for step in 0..4000 {
+        *counts.entry(jittered_threshold(&cfg, step, 9)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        vec![16, 17, 18, 19]
+    );
+    assert!(
+        counts.values().all(|&n| (850..1150).contains(&n)),
+        "{counts:?}"
+    );
+    cfg.deq.rand_f_thres_delta = 0;
+    assert!((0..100).all(|s| jittered_threshold(&cfg, s, 9) == 18));
+
+    // In training: a solve that cannot converge runs its whole limit, so the logged forward
+    // steps show the limit each penalised step drew.
+    let mut cfg = config();
+    cfg.deq.pretrain_steps = 0;
+    cfg.deq.eps = 1e-30;
+    cfg.deq.rand_f_thres_delta = 2;
+    cfg.train.jac_loss_weight = 0.1;
+    cfg.train.jac_loss_freq = 1.0;
+    let root = std::env::temp_dir().join(format!("mdeq-jitter-{}", std::process::id()));
+    let data = root.join("data");
+    dataset(&data);
+    train(&cfg, &opts(&data, root.join("run"), 6, false))?;
+    let log = std::fs::read_to_string(root.join("run/metrics.jsonl"))?;
+    let mut steps = Vec::new();
+    for line in log.lines().filter(|l| l.contains("\"kind\":\"step\"")) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let (step, forward) = (v["step"].as_u64(), v["forward_steps"].as_u64());
+        let (Some(step), Some(forward)) = (step, forward) else {
+            return Err(format!("step line without steps: {line}").into());
+        };
+        // The log's step counts steps taken, the draw is keyed by the step's index.
+        assert_eq!(
+            forward as usize,
+            jittered_threshold(&cfg, step as usize - 1, 3)
+        );
+        steps.push(forward);
+    }
+    assert_eq!(steps.len(), 6);
+    assert!(steps.iter().any(|&s| s != 4), "no jitter in {steps:?}");
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }

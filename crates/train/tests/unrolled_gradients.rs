@@ -1,10 +1,11 @@
-//! The unrolled pretraining phase (spec §4.2) differentiated end to end: parameter gradients of
+//! The unrolled pretraining phase (reference §4.2) differentiated end to end: parameter gradients of
 //! a small two-branch classification MDEQ in float64 against central finite differences of the
 //! loss, for parameters of every part (stem, cell, fuse, head).
 
 use candle_core::{DType, Device, Tensor};
-use mdeq_model::equilibrium::{train_gradients, DeqRuntime, Phase};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
+use mdeq_train::step::{train_gradients, Phase};
 
 const RECIPE: &str = r#"
 name = "unrolled-fd"
@@ -59,7 +60,7 @@ fn unrolled_gradients_match_float64_finite_differences() {
     let image = Tensor::from_vec(pixels, (4, 1, 8, 8), &dev).unwrap();
     let labels = Tensor::new(&[0i64, 3, 1, 4], &dev).unwrap();
     let loss_fn = |logits: &Tensor| candle_nn::loss::cross_entropy(logits, &labels);
-    let rt = DeqRuntime::from_config(&cfg.deq).unwrap();
+    let rt = cfg.deq.runtime();
     let masks = vec![None, None];
     let phase = Phase::Unrolled(cfg.model.num_layers);
     let g = train_gradients(&model, &image, &masks, &loss_fn, &rt, phase, None).unwrap();

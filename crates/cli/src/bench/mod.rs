@@ -1,5 +1,5 @@
 //! `mdeq bench`: side-by-side timing of the MDEQ cell against the PyTorch reference
-//! (`shared/bench/torch_cell.py`), same weights, shapes, thread count and work per figure.
+//! (`bench/torch_cell.py`), same weights, shapes, thread count and work per figure.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -8,7 +8,8 @@ use mdeq_deq::{
     StopMode,
 };
 use mdeq_model::cell::solver_map::{CellMap, CellVjp};
-use mdeq_model::{ExperimentConfig, Mdeq};
+use mdeq_model::Mdeq;
+use mdeq_recipe::ExperimentConfig;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 

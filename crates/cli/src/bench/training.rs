@@ -9,12 +9,12 @@ use super::{randn, time_it, BenchOptions, Timing};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use mdeq_deq::{BackwardMode, SolverOptions, SolverStats};
-use mdeq_model::equilibrium::{
-    eval_forward, solve_equilibrium, train_gradients, DeqRuntime, Phase,
-};
-use mdeq_model::{ExperimentConfig, Mdeq, Task};
+use mdeq_model::equilibrium::{eval_forward, solve_equilibrium, DeqRuntime};
+use mdeq_model::{Mdeq, Task};
+use mdeq_recipe::ExperimentConfig;
 use mdeq_train::loss::{classification_loss, segmentation_loss};
 use mdeq_train::optimizer::Optimizer;
+use mdeq_train::step::{train_gradients, Phase};
 use rand::SeedableRng;
 
 /// Phantom gradient settings of the `train_step_phantom` figure (Geng et al. 2021's k and τ).
@@ -85,7 +85,7 @@ pub fn figures(
         Task::Classification => classification_loss(logits, &target),
         Task::Segmentation => segmentation_loss(logits, &target, None),
     };
-    let base = DeqRuntime::from_config(&cfg.deq)?;
+    let base = cfg.deq.runtime();
     let whole_batch = DeqRuntime {
         forward: SolverOptions {
             compact_batch: false,

@@ -1,12 +1,14 @@
 //! `mdeq parity`: compares our model, tensor by tensor, with reference tensors produced by the
-//! official PyTorch code (the fixture layout of `shared/fixtures/*/io*.safetensors`).
+//! official PyTorch code (the fixture layout of `fixtures/*/io*.safetensors`).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mdeq_deq::{Coupling, SolverKind, SolverOptions, SolverStats};
-use mdeq_model::equilibrium::{eval_forward, train_gradients, DeqRuntime, Phase};
+use mdeq_model::equilibrium::{eval_forward, DeqRuntime};
 use mdeq_model::nn::bilinear_resize;
-use mdeq_model::{ExperimentConfig, Mdeq, Task};
+use mdeq_model::{Mdeq, Task};
+use mdeq_recipe::ExperimentConfig;
+use mdeq_train::step::{train_gradients, Phase};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -423,8 +425,8 @@ fn runtime(
     };
     let mut deq = config.deq.clone();
     deq.coupling = Coupling::Official;
-    deq.f_solver = "broyden".into();
-    deq.b_solver = "broyden".into();
+    deq.f_solver = SolverKind::BROYDEN;
+    deq.b_solver = SolverKind::BROYDEN;
     deq.fallback.clear();
     let thres = opts.threshold.or(from_meta(thres_key)
         .or(from_meta("fixture_thres"))
@@ -436,7 +438,7 @@ fn runtime(
     if let Some(e) = opts.eps.or(from_meta(eps_key).or(from_meta("fixture_eps"))) {
         deq.eps = e;
     }
-    let rt = DeqRuntime::from_config(&deq)?;
+    let rt = deq.runtime();
     debug_assert!(matches!(rt.forward_chain[0], SolverKind::Broyden { .. }));
     Ok(rt)
 }

@@ -1,4 +1,4 @@
-//! Anderson acceleration (spec §3.4) that survives a singular Gram system.
+//! Anderson acceleration (reference §3.4) that survives a singular Gram system.
 //!
 //! The official code solves the bordered system with a plain linear solve and fails when the
 //! history becomes rank-deficient (locuslab/deq #20, #26). Here the small system

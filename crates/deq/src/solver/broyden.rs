@@ -1,4 +1,4 @@
-//! Limited-memory "good" Broyden, as the official `lib/solvers.py` (spec §3.2).
+//! Limited-memory "good" Broyden, as the official `lib/solvers.py` (reference §3.2).
 //!
 //! The inverse Jacobian of g(z) = f(z) − z is estimated per sample as M = −I + Σ_k u_k v_kᵀ; the
 //! first step is therefore plain iteration z₁ = f(z₀). The history is capped by a number of pairs

@@ -1,4 +1,4 @@
-//! Damped fixed-point iteration z ← τ f(z) + (1 − τ) z (torchdeq's naive solver, spec §3.5).
+//! Damped fixed-point iteration z ← τ f(z) + (1 − τ) z (torchdeq's naive solver, reference §3.5).
 
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};

@@ -9,11 +9,13 @@ pub mod anderson;
 pub mod broyden;
 mod compaction;
 pub mod fixed_point;
+mod kind;
 mod residual;
 
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use kind::SolverKind;
 pub use residual::ResidualTracker;
 
 /// A map whose fixed point is sought; the state is (B, D).
@@ -153,87 +155,6 @@ pub struct Solution {
     pub z: Tensor,
     /// Diagnostics.
     pub stats: SolverStats,
-}
-
-/// A solver by name, with its own parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SolverKind {
-    /// Limited-memory "good" Broyden (official).
-    Broyden {
-        /// Cap on stored (u, v) pairs; oldest pairs are dropped first. None: threshold.
-        #[serde(default)]
-        max_pairs: Option<usize>,
-        /// Cap on the bytes of stored pairs.
-        #[serde(default)]
-        max_history_bytes: Option<usize>,
-    },
-    /// Anderson acceleration.
-    Anderson {
-        /// History size m.
-        #[serde(default = "anderson::default_m")]
-        m: usize,
-        /// Tikhonov regularisation λ.
-        #[serde(default = "anderson::default_lambda")]
-        lambda: f64,
-        /// Mixing β.
-        #[serde(default = "anderson::default_beta")]
-        beta: f64,
-    },
-    /// Damped fixed-point iteration z ← τ f(z) + (1 − τ) z.
-    FixedPoint {
-        /// Damping τ.
-        #[serde(default = "fixed_point::default_tau")]
-        tau: f64,
-    },
-}
-
-impl SolverKind {
-    /// Parses `broyden`, `anderson`, `fixed_point` with default parameters.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "broyden" => Self::Broyden {
-                max_pairs: None,
-                max_history_bytes: None,
-            },
-            "anderson" => Self::Anderson {
-                m: anderson::default_m(),
-                lambda: anderson::default_lambda(),
-                beta: anderson::default_beta(),
-            },
-            "fixed_point" | "naive" => Self::FixedPoint {
-                tau: fixed_point::default_tau(),
-            },
-            _ => return None,
-        })
-    }
-
-    /// Runs this solver from `z0`.
-    pub fn solve(
-        &self,
-        f: &mut dyn FixedPointMap,
-        z0: &Tensor,
-        opts: &SolverOptions,
-    ) -> Result<Solution> {
-        match *self {
-            Self::Broyden {
-                max_pairs,
-                max_history_bytes,
-            } => broyden::solve(
-                f,
-                z0,
-                opts,
-                &broyden::BroydenOptions {
-                    max_pairs,
-                    max_history_bytes,
-                },
-            ),
-            Self::Anderson { m, lambda, beta } => {
-                anderson::solve(f, z0, opts, &anderson::AndersonOptions { m, lambda, beta })
-            }
-            Self::FixedPoint { tau } => fixed_point::solve(f, z0, opts, tau),
-        }
-    }
 }
 
 /// Runs `chain[0]`, then each later solver from the current answer for as long as some sample

@@ -1,4 +1,4 @@
-//! Multiscale fusion layers T_ij (spec §1.3 step B).
+//! Multiscale fusion layers T_ij (reference §1.3 step B).
 
 use crate::nn::{nearest_upsample, nearest_upsample_grad, Conv2d, GroupNorm};
 use crate::params::ParamBuilder;

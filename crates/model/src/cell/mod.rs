@@ -1,4 +1,4 @@
-//! The multiscale equilibrium cell f(z; x) (`fullstage` in the official code; spec §1.3).
+//! The multiscale equilibrium cell f(z; x) (`fullstage` in the official code; reference §1.3).
 
 pub mod fuse;
 pub mod post_fuse;

@@ -1,4 +1,4 @@
-//! Post-fusion layer per branch: ReLU → weight-normalised 1×1 conv → GroupNorm(G/2) (spec §1.3 C).
+//! Post-fusion layer per branch: ReLU → weight-normalised 1×1 conv → GroupNorm(G/2) (reference §1.3 C).
 
 use crate::nn::Relu0;
 use crate::nn::{CellConv, GroupNorm};

@@ -1,4 +1,4 @@
-//! The per-branch residual block of the MDEQ cell (spec §1.3 step A).
+//! The per-branch residual block of the MDEQ cell (reference §1.3 step A).
 
 use crate::nn::Relu0;
 use crate::nn::{CellConv, GroupNorm};

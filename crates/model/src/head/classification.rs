@@ -1,4 +1,4 @@
-//! The classification head of MDEQClsNet (spec §2.1).
+//! The classification head of MDEQClsNet (reference §2.1).
 
 use crate::config::ClassificationHeadConfig;
 use crate::nn::Relu0;

@@ -1,4 +1,4 @@
-//! The segmentation head of MDEQSegNet (spec §2.2).
+//! The segmentation head of MDEQSegNet (reference §2.2).
 
 use crate::nn::Relu0;
 use crate::nn::{bilinear_resize, BatchNorm2d, Conv2d};

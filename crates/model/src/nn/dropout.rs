@@ -1,4 +1,4 @@
-//! Variational ("recurrent") dropout masks (spec §1.6).
+//! Variational ("recurrent") dropout masks (reference §1.6).
 
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;

@@ -1,4 +1,4 @@
-//! Weight-normalised convolution w = g · v / ‖v‖ (per output channel, no epsilon; spec §1.5).
+//! Weight-normalised convolution w = g · v / ‖v‖ (per output channel, no epsilon; reference §1.5).
 //!
 //! The effective weight is computed once per forward by [`CellConv::prepared`] and shared by every
 //! evaluation of f in that forward, so gradients reach g and v through one computation.
@@ -22,7 +22,7 @@ pub struct CellConv {
 
 impl CellConv {
     /// Registers `weight_g`/`weight_v` (or `weight` without weight norm). v keeps PyTorch's default
-    /// kaiming-uniform init and g = ‖v‖, as the official init leaves them (spec §1.7).
+    /// kaiming-uniform init and g = ‖v‖, as the official init leaves them (reference §1.7).
     pub fn new(
         pb: &mut ParamBuilder,
         c_in: usize,
