@@ -5,50 +5,36 @@ use mdeq_checkpoint::official::read_state_dict_bytes;
 use mdeq_checkpoint::{format, import, read_state_dict, CheckpointError};
 use mdeq_model::Mdeq;
 use mdeq_recipe::ExperimentConfig;
+use mdeq_testkit::fixture_str as fixture;
 
-fn fixture(rel: &str) -> String {
-    format!("{}/../../fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny() -> (ExperimentConfig, Mdeq) {
-    let cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml")).unwrap();
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
-    (cfg, model)
+fn tiny() -> mdeq_testkit::Result<(ExperimentConfig, Mdeq)> {
+    let cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml"))?;
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+    Ok((cfg, model))
 }
 
 #[test]
-fn three_formats_give_identical_tensors() {
-    let st = read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap();
+fn three_formats_give_identical_tensors() -> mdeq_testkit::Result {
+    let st = read_state_dict(&fixture("cls-tiny/weights.safetensors"))?;
     for other in ["cls-tiny/state_dict.pth", "cls-tiny/state_dict_legacy.pth"] {
-        let mut sd = read_state_dict(&fixture(other)).unwrap();
+        let mut sd = read_state_dict(&fixture(other))?;
         sd.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(sd.len(), st.len(), "{other}");
         for ((ka, ta), (kb, tb)) in st.iter().zip(&sd) {
             assert_eq!(ka, kb);
             assert_eq!(ta.dims(), tb.dims(), "{ka}");
-            let da = ta
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let db = tb
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let da = ta.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let db = tb.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
             assert_eq!(da, db, "{other}: {ka}");
         }
     }
+    Ok(())
 }
 
 #[test]
-fn wrapper_prefixes_are_stripped_and_old_repo_extras_ignored() {
-    let (_, model) = tiny();
-    let mut sd = read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap();
+fn wrapper_prefixes_are_stripped_and_old_repo_extras_ignored() -> mdeq_testkit::Result {
+    let (_, model) = tiny()?;
+    let mut sd = read_state_dict(&fixture("cls-tiny/weights.safetensors"))?;
     let extra = sd[0].1.clone();
     for (k, _) in sd.iter_mut() {
         *k = format!("module.{k}");
@@ -59,20 +45,21 @@ fn wrapper_prefixes_are_stripped_and_old_repo_extras_ignored() {
     ));
     sd.push(("model.loss.criterion.weight".into(), extra.clone()));
     sd.push(("deq.func.x".into(), extra));
-    import::load_into(&model, sd, "wrapped.pth").unwrap();
+    import::load_into(&model, sd, "wrapped.pth")?;
+    Ok(())
 }
 
 #[test]
-fn every_key_problem_is_reported_in_one_error() {
-    let (_, model) = tiny();
-    let mut sd = read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap();
+fn every_key_problem_is_reported_in_one_error() -> mdeq_testkit::Result {
+    let (_, model) = tiny()?;
+    let mut sd = read_state_dict(&fixture("cls-tiny/weights.safetensors"))?;
     let removed = sd.iter().position(|(k, _)| k == "classifier.bias").unwrap();
     sd.remove(removed);
     let i = sd
         .iter()
         .position(|(k, _)| k == "classifier.weight")
         .unwrap();
-    sd[i].1 = sd[i].1.narrow(0, 0, 5).unwrap();
+    sd[i].1 = sd[i].1.narrow(0, 0, 5)?;
     sd.push(("surprise.weight".into(), sd[0].1.clone()));
     let err = import::load_into(&model, sd, "bad.pth").unwrap_err();
     let CheckpointError::Keys { report, .. } = &err else {
@@ -91,16 +78,17 @@ fn every_key_problem_is_reported_in_one_error() {
             && msg.contains("surprise.weight"),
         "{msg}"
     );
+    Ok(())
 }
 
 #[test]
-fn post_gn_affine_mismatch_is_a_key_error() {
-    let mut cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml")).unwrap();
+fn post_gn_affine_mismatch_is_a_key_error() -> mdeq_testkit::Result {
+    let mut cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml"))?;
     cfg.model.post_gn_affine = true;
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
     let err = import::load_into(
         &model,
-        read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap(),
+        read_state_dict(&fixture("cls-tiny/weights.safetensors"))?,
         "w",
     )
     .unwrap_err();
@@ -108,10 +96,11 @@ fn post_gn_affine_mismatch_is_a_key_error() {
         err.to_string().contains("post_fuse_layers.0.gnorm.weight"),
         "{err}"
     );
+    Ok(())
 }
 
 #[test]
-fn a_pickle_naming_a_forbidden_global_is_refused_without_running_it() {
+fn a_pickle_naming_a_forbidden_global_is_refused_without_running_it() -> mdeq_testkit::Result {
     // The classic payload: os.system("touch ...") via GLOBAL + REDUCE.
     let marker = std::env::temp_dir().join(format!("mdeq-pwned-{}", std::process::id()));
     let mut p = b"\x80\x02cos\nsystem\nX".to_vec();
@@ -131,36 +120,37 @@ fn a_pickle_naming_a_forbidden_global_is_refused_without_running_it() {
     let mut buf = std::io::Cursor::new(Vec::new());
     {
         let mut w = zip::ZipWriter::new(&mut buf);
-        w.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
-            .unwrap();
-        std::io::Write::write_all(&mut w, &p).unwrap();
-        w.finish().unwrap();
+        w.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())?;
+        std::io::Write::write_all(&mut w, &p)?;
+        w.finish()?;
     }
     let err = read_state_dict_bytes(buf.get_ref(), "evil.pth")
         .unwrap_err()
         .to_string();
     assert!(err.contains("os.system"), "{err}");
+    Ok(())
 }
 
 #[test]
-fn truncated_files_give_errors_not_panics() {
+fn truncated_files_give_errors_not_panics() -> mdeq_testkit::Result {
     for name in [
         "cls-tiny/state_dict.pth",
         "cls-tiny/state_dict_legacy.pth",
         "cls-tiny/weights.safetensors",
     ] {
-        let bytes = std::fs::read(fixture(name)).unwrap();
+        let bytes = std::fs::read(fixture(name))?;
         for cut in [1, 9, 100, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
             let r = read_state_dict_bytes(&bytes[..cut], name);
             assert!(r.is_err(), "{name} cut at {cut} was accepted");
             assert!(r.unwrap_err().to_string().contains(name));
         }
     }
+    Ok(())
 }
 
 #[test]
-fn corrupted_bytes_never_panic() {
-    let bytes = std::fs::read(fixture("cls-tiny/state_dict_legacy.pth")).unwrap();
+fn corrupted_bytes_never_panic() -> mdeq_testkit::Result {
+    let bytes = std::fs::read(fixture("cls-tiny/state_dict_legacy.pth"))?;
     for i in (0..bytes.len().min(20_000)).step_by(97) {
         let mut b = bytes.clone();
         b[i] ^= 0x5a;
@@ -170,41 +160,35 @@ fn corrupted_bytes_never_panic() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("notes.txt"), "{err}");
+    Ok(())
 }
 
 #[test]
-fn checkpoints_embed_their_config_and_round_trip() {
-    let (cfg, model) = tiny();
+fn checkpoints_embed_their_config_and_round_trip() -> mdeq_testkit::Result {
+    let (cfg, model) = tiny()?;
     import::load_into(
         &model,
-        read_state_dict(&fixture("cls-tiny/weights.safetensors")).unwrap(),
+        read_state_dict(&fixture("cls-tiny/weights.safetensors"))?,
         "w",
-    )
-    .unwrap();
+    )?;
     let dir = std::env::temp_dir().join(format!("mdeq-ckpt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     let path = dir.join("model.safetensors");
-    format::save(&path, &model, &cfg, None).unwrap();
-    let (cfg2, model2) = format::load(&path, DType::F32, &Device::Cpu).unwrap();
+    format::save(&path, &model, &cfg, None)?;
+    let (cfg2, model2) = format::load(&path, DType::F32, &Device::Cpu)?;
     assert_eq!(cfg, cfg2);
     for (a, b) in model.store().entries().iter().zip(model2.store().entries()) {
         assert_eq!(a.name, b.name);
         let da = a
             .var
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let db = b
             .var
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         assert_eq!(da, db, "{}", a.name);
     }
     // An official file is not an mdeq checkpoint: the error says what to do.
@@ -216,19 +200,21 @@ fn checkpoints_embed_their_config_and_round_trip() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("mdeq import"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 #[test]
-fn a_failed_write_leaves_the_previous_checkpoint_intact() {
+fn a_failed_write_leaves_the_previous_checkpoint_intact() -> mdeq_testkit::Result {
     let dir = std::env::temp_dir().join(format!("mdeq-atomic-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     let path = dir.join("last.safetensors");
-    format::write_atomic(&path, b"first").unwrap();
+    format::write_atomic(&path, b"first")?;
     // Make the rename impossible: the temporary file's directory entry is a directory.
     let tmp = dir.join(format!(".last.safetensors.tmp-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::create_dir_all(&tmp)?;
     assert!(format::write_atomic(&path, b"second").is_err());
-    assert_eq!(std::fs::read(&path).unwrap(), b"first");
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(std::fs::read(&path)?, b"first");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mdeq_checkpoint::format;
 use mdeq_data::image_folder::decode_image;
-use mdeq_data::{DatasetKind, Image, Sample, Split, Target, Transform};
+use mdeq_data::{DatasetKind, Image};
 use mdeq_model::equilibrium::eval_forward;
 use mdeq_model::Task;
 use mdeq_train::loss::predict_pixels;
@@ -41,28 +41,13 @@ pub fn run(
     let names = kind.class_names(cfg.model.num_classes);
     let rt = cfg.deq.runtime();
     let norm = kind.normalization();
-    let [h, w] = cfg.model.image_size;
     let mut preds = Vec::new();
     for path in images {
         let raw = decode_image(path, cfg.model.in_channels)?;
-        // Classification inputs are brought to the recipe's evaluation size; segmentation keeps
-        // the image's own size unless the recipe fixes one (model strides permitting).
-        let transform = match (
-            cfg.model.task,
-            kind.transform(Split::Test, false, [h, w], cfg.data.eval_size),
-        ) {
-            (Task::Classification, Transform::Identity) => Transform::Resize {
-                height: h,
-                width: w,
-            },
-            (_, t) => t,
-        };
-        let sample = Sample {
-            image: raw,
-            target: Target::Class(0),
-        };
-        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
-        let image = transform.apply(sample, &mut rng)?.image;
+        let segmentation = cfg.model.task == Task::Segmentation;
+        let image = kind
+            .prepare_image(raw, segmentation, cfg.model.image_size, cfg.data.eval_size)
+            .with_context(|| path.display().to_string())?;
         cfg.model
             .check_input_size(image.height, image.width)
             .with_context(|| format!("{}: resize it or set data.eval_size", path.display()))?;

@@ -2,73 +2,27 @@
 //! test writes in the IDX layout: a classification recipe and a fashion-scenes segmentation
 //! recipe, each trained for a few steps, evaluated, and asked for predictions.
 
-use mdeq_data::Split;
+use mdeq_testkit::{scratch_dir, tiny_classifier, write_toy_idx};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// 20 images of 8×8: class k (0..4) is a bright block at row 2k on a dark background.
-fn write_items(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let n = 20;
-    let (mut px, mut labels) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let k = i % 4;
-        for p in 0..64 {
-            let (y, x) = (p / 8, p % 8);
-            px.push(if y / 2 == k && (2..6).contains(&x) {
-                220
-            } else {
-                0
-            });
-        }
-        labels.push(k as u8);
-    }
-    for split in [Split::Train, Split::Test] {
-        mdeq_data::idx::write_split(dir, split, (8, 8), &px, &labels).unwrap();
-    }
-}
-
-const COMMON: &str = r#"
-[deq]
-f_thres = 3
-b_thres = 3
-stop_mode = "rel"
-pretrain_steps = 2
-[train]
-optimizer = "adam"
-lr = 0.01
-epochs = 1
-batch_size = 5
-"#;
-
+/// The tiny classifier as a ten-class Fashion-MNIST recipe with a short schedule.
 fn classification_recipe() -> String {
-    format!(
-        r#"name = "cls-e2e"
-[model]
-task = "classification"
-num_channels = [4, 4]
-expansion_factor = 2
-num_groups = 2
-downsample_times = 0
-post_gn_affine = false
-num_layers = 2
-num_classes = 10
-image_size = [8, 8]
-in_channels = 1
-[model.classification_head]
-head_channels = [2, 2]
-final_chansize = 8
-{COMMON}
-[data]
-dataset = "fashion_mnist"
-"#
-    )
+    let mut cfg = tiny_classifier(&[4, 4]);
+    cfg.name = "cls-e2e".into();
+    cfg.model.num_layers = 2;
+    cfg.model.num_classes = 10;
+    cfg.deq.f_thres = 3;
+    cfg.deq.b_thres = 3;
+    cfg.deq.pretrain_steps = 2;
+    cfg.train.batch_size = 5;
+    cfg.data.dataset = "fashion_mnist".into();
+    cfg.to_toml_string()
 }
 
 fn segmentation_recipe() -> String {
-    format!(
-        r#"name = "seg-e2e"
+    r#"name = "seg-e2e"
 [model]
 task = "segmentation"
 num_channels = [4, 4, 4]
@@ -84,11 +38,20 @@ image_size = [16, 16]
 in_channels = 1
 [model.segmentation_head]
 final_conv_kernel = 1
-{COMMON}
+[deq]
+f_thres = 3
+b_thres = 3
+stop_mode = "rel"
+pretrain_steps = 2
+[train]
+optimizer = "adam"
+lr = 0.01
+epochs = 1
+batch_size = 5
 [data]
 dataset = "fashion_scenes"
 "#
-    )
+    .to_string()
 }
 
 fn mdeq(args: &[&str]) -> String {
@@ -108,14 +71,14 @@ fn last_json(stdout: &str) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-fn setup(tag: &str, recipe: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let root = std::env::temp_dir().join(format!("mdeq-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+/// A scratch folder with the toy dataset in `data/` and `recipe` in `recipe.toml`.
+fn setup(tag: &str, recipe: &str) -> mdeq_testkit::Result<(PathBuf, PathBuf, PathBuf)> {
+    let root = scratch_dir(&format!("cli-{tag}"))?;
     let data = root.join("data");
-    write_items(&data);
+    write_toy_idx(&data, 20)?;
     let cfg = root.join("recipe.toml");
-    std::fs::write(&cfg, recipe).unwrap();
-    (root, data, cfg)
+    std::fs::write(&cfg, recipe)?;
+    Ok((root, data, cfg))
 }
 
 fn s(p: &Path) -> &str {
@@ -138,8 +101,8 @@ fn train_briefly(cfg: &Path, data: &Path, out: &Path) -> PathBuf {
 }
 
 #[test]
-fn classification_train_eval_predict() {
-    let (root, data, cfg) = setup("cls", &classification_recipe());
+fn classification_train_eval_predict() -> mdeq_testkit::Result {
+    let (root, data, cfg) = setup("cls", &classification_recipe())?;
     let out = root.join("run");
     let ckpt = train_briefly(&cfg, &data, &out);
     let curve = last_json(&mdeq(&[
@@ -160,9 +123,7 @@ fn classification_train_eval_predict() {
         let (t1, t5) = (p["top1"].as_f64().unwrap(), p["top5"].as_f64().unwrap());
         assert!((0.0..=1.0).contains(&t1) && t1 <= t5);
     }
-    assert!(std::fs::read(out.join("accuracy_vs_compute.png"))
-        .unwrap()
-        .starts_with(b"\x89PNG"));
+    assert!(std::fs::read(out.join("accuracy_vs_compute.png"))?.starts_with(b"\x89PNG"));
     let one = last_json(&mdeq(&[
         "eval",
         "--checkpoint",
@@ -178,8 +139,7 @@ fn classification_train_eval_predict() {
     image::GrayImage::from_fn(16, 16, |x, y| {
         image::Luma([if y / 4 == 1 && x > 3 { 220 } else { 0 }])
     })
-    .save(&png)
-    .unwrap();
+    .save(&png)?;
     let pred = last_json(&mdeq(&[
         "predict",
         "--checkpoint",
@@ -201,7 +161,7 @@ fn classification_train_eval_predict() {
         );
     }
     // A file that is not an image: an error naming it.
-    std::fs::write(root.join("bad.png"), b"nope").unwrap();
+    std::fs::write(root.join("bad.png"), b"nope")?;
     let bad = Command::new(env!("CARGO_BIN_EXE_mdeq"))
         .args([
             "predict",
@@ -209,19 +169,19 @@ fn classification_train_eval_predict() {
             s(&ckpt),
             s(&root.join("bad.png")),
         ])
-        .output()
-        .unwrap();
+        .output()?;
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad.png"));
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 #[test]
-fn segmentation_train_eval_predict() {
-    let (root, data, cfg) = setup("seg", &segmentation_recipe());
+fn segmentation_train_eval_predict() -> mdeq_testkit::Result {
+    let (root, data, cfg) = setup("seg", &segmentation_recipe())?;
     let out = root.join("run");
     let ckpt = train_briefly(&cfg, &data, &out);
-    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let log = std::fs::read_to_string(out.join("metrics.jsonl"))?;
     assert!(log
         .lines()
         .any(|l| l.contains("\"kind\":\"eval\"") && l.contains("\"miou\"")));
@@ -253,8 +213,7 @@ fn segmentation_train_eval_predict() {
             0
         }])
     })
-    .save(&png)
-    .unwrap();
+    .save(&png)?;
     let pred_dir = root.join("pred");
     mdeq(&[
         "predict",
@@ -265,15 +224,16 @@ fn segmentation_train_eval_predict() {
         s(&png),
     ]);
     for name in ["scene_labels.png", "scene_overlay.png"] {
-        let img = image::open(pred_dir.join(name)).unwrap();
+        let img = image::open(pred_dir.join(name))?;
         assert_eq!((img.width(), img.height()), (16, 16), "{name}");
     }
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 #[test]
-fn bench_times_every_figure_and_prints_its_json_report() {
-    let fixture = format!("{}/../../fixtures/cls-tiny", env!("CARGO_MANIFEST_DIR"));
+fn bench_times_every_figure_and_prints_its_json_report() -> mdeq_testkit::Result {
+    let fixture = mdeq_testkit::fixture_str("cls-tiny");
     let stdout = mdeq(&[
         "bench",
         "--fixture",
@@ -311,4 +271,5 @@ fn bench_times_every_figure_and_prints_its_json_report() {
     }
     // Without --compare-torch there is nothing to compare with.
     assert_eq!(report["ratio"], serde_json::json!({}));
+    Ok(())
 }

@@ -4,14 +4,11 @@ use candle_core::{DType, Device, Tensor};
 use mdeq::parity::{run, Centre, ParityOptions, Report, Row, Status};
 use mdeq_model::Mdeq;
 use mdeq_recipe::ExperimentConfig;
+use mdeq_testkit::{fixture, fixture_str};
 use mdeq_train::step::{train_gradients, Phase};
 
-fn fixtures() -> String {
-    format!("{}/../../fixtures", env!("CARGO_MANIFEST_DIR"))
-}
-
 fn parity(name: &str, weights: &str, dtype: DType) -> Report {
-    let dir = format!("{}/{name}", fixtures());
+    let dir = fixture_str(name);
     let cfg = ExperimentConfig::load(&format!("{dir}/config.yaml")).unwrap();
     let opts = ParityOptions {
         dtype,
@@ -28,7 +25,7 @@ fn parity(name: &str, weights: &str, dtype: DType) -> Report {
 
 fn reference_count(name: &str) -> usize {
     let t = candle_core::safetensors::load(
-        format!("{}/{name}/io_f64.safetensors", fixtures()),
+        fixture(&format!("{name}/io_f64.safetensors")),
         &Device::Cpu,
     )
     .unwrap();
@@ -50,7 +47,7 @@ fn failures(rows: &[Row], skip: impl Fn(&str) -> bool) -> Vec<String> {
 }
 
 #[test]
-fn float32_model_matches_the_official_forward_from_every_weights_format() {
+fn float32_model_matches_the_official_forward_from_every_weights_format() -> mdeq_testkit::Result {
     for name in ["cls-tiny", "seg-tiny"] {
         for weights in [
             "weights.safetensors",
@@ -93,6 +90,7 @@ fn float32_model_matches_the_official_forward_from_every_weights_format() {
             assert_solver_traces(name, &report, false);
         }
     }
+    Ok(())
 }
 
 /// Every solve the fixture recorded in our precision follows the official solver's residual
@@ -111,7 +109,8 @@ fn assert_solver_traces(name: &str, report: &Report, stops: bool) {
 }
 
 #[test]
-fn float64_model_matches_every_reference_tensor_including_implicit_gradients() {
+fn float64_model_matches_every_reference_tensor_including_implicit_gradients(
+) -> mdeq_testkit::Result {
     for name in ["cls-tiny", "seg-tiny"] {
         let report = parity(name, "weights.safetensors", DType::F64);
         let rows = &report.rows;
@@ -142,6 +141,7 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients() {
             .count(),
         36
     );
+    Ok(())
 }
 
 /// At the reference equilibrium rounded to float32, random one-ulp moves of f(z*) land on both
@@ -149,7 +149,7 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients() {
 /// (above) is well posed and matches to 5e-13. The float32 gradients are still checked for gross
 /// errors: one kink flip moves them by about 1%, a broken backward by O(1).
 #[test]
-fn float32_gradient_comparison_at_cls_tiny_is_ill_conditioned() {
+fn float32_gradient_comparison_at_cls_tiny_is_ill_conditioned() -> mdeq_testkit::Result {
     let report = parity("cls-tiny", "weights.safetensors", DType::F32);
     let probe = report
         .gradient_conditioning
@@ -175,15 +175,16 @@ fn float32_gradient_comparison_at_cls_tiny_is_ill_conditioned() {
             assert!(r.max_rel_err < 5e-2, "{}: {:.3e}", r.name, r.max_rel_err);
         }
     }
+    Ok(())
 }
 
 #[test]
-fn graph_held_for_the_backward_does_not_grow_with_solver_steps() {
-    let dir = format!("{}/cls-tiny", fixtures());
-    let cfg = ExperimentConfig::load(&format!("{dir}/config.yaml")).unwrap();
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
-    let labels = Tensor::new(&[3i64, 7], &Device::Cpu).unwrap();
+fn graph_held_for_the_backward_does_not_grow_with_solver_steps() -> mdeq_testkit::Result {
+    let dir = fixture_str("cls-tiny");
+    let cfg = ExperimentConfig::load(&format!("{dir}/config.yaml"))?;
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu)?;
+    let labels = Tensor::new(&[3i64, 7], &Device::Cpu)?;
     let loss = |l: &Tensor| candle_nn::loss::cross_entropy(l, &labels);
     let masks = vec![None, None];
     let size_for = |steps: usize| {
@@ -198,16 +199,17 @@ fn graph_held_for_the_backward_does_not_grow_with_solver_steps() {
     let (few, many) = (size_for(3), size_for(24));
     assert!(few > 10, "graph of one application of f has {few} tensors");
     assert_eq!(few, many, "graph size at F_THRES 3 vs 24");
+    Ok(())
 }
 
 #[test]
-fn unreadable_meta_json_is_an_error_naming_it() {
-    let src = format!("{}/seg-tiny", fixtures());
+fn unreadable_meta_json_is_an_error_naming_it() -> mdeq_testkit::Result {
+    let src = fixture_str("seg-tiny");
     let dir = std::env::temp_dir().join(format!("mdeq-parity-meta-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(format!("{src}/io.safetensors"), dir.join("io.safetensors")).unwrap();
-    std::fs::write(dir.join("meta.json"), "{ \"config\": ").unwrap();
-    let cfg = ExperimentConfig::load(&format!("{src}/config.yaml")).unwrap();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(format!("{src}/io.safetensors"), dir.join("io.safetensors"))?;
+    std::fs::write(dir.join("meta.json"), "{ \"config\": ")?;
+    let cfg = ExperimentConfig::load(&format!("{src}/config.yaml"))?;
     let err = run(
         &cfg,
         &format!("{src}/weights.safetensors"),
@@ -221,4 +223,5 @@ fn unreadable_meta_json_is_an_error_naming_it() {
         msg.contains("meta.json") && msg.contains("parsing"),
         "{msg}"
     );
+    Ok(())
 }

@@ -4,7 +4,7 @@ use crate::cifar::CifarDataset;
 use crate::cityscapes::{self, Cityscapes};
 use crate::fashion_scenes::{self, FashionScenes};
 use crate::image_folder::ImageFolder;
-use crate::{idx, DataError, Dataset, IdxDataset, Normalization, Split, Transform};
+use crate::{idx, DataError, Dataset, IdxDataset, Image, Normalization, Split, Transform};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -106,6 +106,27 @@ impl DatasetKind {
             },
             _ => Transform::Identity,
         }
+    }
+
+    /// One image from outside any dataset (`mdeq predict`), prepared as the model's evaluation
+    /// input: the evaluation transform, except that a classification image the evaluation
+    /// transform would keep at its own size is resized to the recipe's `image_size`.
+    pub fn prepare_image(
+        self,
+        image: Image,
+        segmentation: bool,
+        image_size: [usize; 2],
+        eval_size: Option<[usize; 2]>,
+    ) -> Result<Image, DataError> {
+        let [height, width] = image_size;
+        let transform = match (
+            segmentation,
+            self.transform(Split::Test, false, image_size, eval_size),
+        ) {
+            (false, Transform::Identity) => Transform::Resize { height, width },
+            (_, t) => t,
+        };
+        transform.apply_to_image(image)
     }
 
     /// The name of each of `classes` labels: the dataset's names, or the label index itself

@@ -118,20 +118,9 @@ impl Transform {
             Transform::ResizeCenterCrop {
                 resize: short,
                 crop: side,
-            } => {
-                let (h, w) = (image.height, image.width);
-                let (nh, nw) = if h <= w {
-                    (short, (w * short).div_ceil(h).max(side))
-                } else {
-                    ((h * short).div_ceil(w).max(side), short)
-                };
-                let f = |img: &Image, fill: u8| {
-                    let r = resize(img, nh.max(side), nw.max(side), filter_for(fill));
-                    let (top, left) = ((r.height - side) / 2, (r.width - side) / 2);
-                    crop(&r, top, left, side, side)
-                };
-                map_pair(&image, target, f)
-            }
+            } => map_pair(&image, target, |img, fill| {
+                resize_center_crop(img, short, side, filter_for(fill))
+            }),
             Transform::ScaleCropFlip {
                 base_long,
                 crop: (ch, cw),
@@ -161,6 +150,39 @@ impl Transform {
         };
         Ok(Sample { image, target })
     }
+
+    /// Applies a deterministic (evaluation) transform to an image alone; a random training
+    /// augmentation is an error.
+    pub fn apply_to_image(&self, image: Image) -> Result<Image, DataError> {
+        let filter = filter_for(0);
+        match *self {
+            Transform::Identity => Ok(image),
+            Transform::Resize { height, width } => Ok(resize(&image, height, width, filter)),
+            Transform::ResizeCenterCrop {
+                resize: short,
+                crop: side,
+            } => Ok(resize_center_crop(&image, short, side, filter)),
+            Transform::PadCropFlip { .. }
+            | Transform::RandomResizedCropFlip { .. }
+            | Transform::ScaleCropFlip { .. } => Err(DataError::format(
+                "<transform>",
+                format!("{self:?} is a random training augmentation, not an evaluation transform"),
+            )),
+        }
+    }
+}
+
+/// The shorter side resized to `short`, then the central `side` × `side`.
+fn resize_center_crop(img: &Image, short: usize, side: usize, filter: FilterType) -> Image {
+    let (h, w) = (img.height, img.width);
+    let (nh, nw) = if h <= w {
+        (short, (w * short).div_ceil(h).max(side))
+    } else {
+        ((h * short).div_ceil(w).max(side), short)
+    };
+    let r = resize(img, nh.max(side), nw.max(side), filter);
+    let (top, left) = ((r.height - side) / 2, (r.width - side) / 2);
+    crop(&r, top, left, side, side)
 }
 
 /// Applies `f` to the image (fill 0) and, for masks, to the label map (fill [`IGNORE_LABEL`]).

@@ -25,41 +25,41 @@ fn cifar_record(labels: &[u8], r: u8) -> Vec<u8> {
 }
 
 #[test]
-fn cifar10_and_100_binary_layouts() {
+fn cifar10_and_100_binary_layouts() -> mdeq_testkit::Result {
     let root = scratch("cifar");
     let dir10 = root.join("cifar-10-batches-bin");
-    std::fs::create_dir_all(&dir10).unwrap();
+    std::fs::create_dir_all(&dir10)?;
     for b in 1..=5u8 {
         let bytes: Vec<u8> = (0..2u8)
             .flat_map(|r| cifar_record(&[(b + r) % 10], b * 2 + r))
             .collect();
-        std::fs::write(dir10.join(format!("data_batch_{b}.bin")), bytes).unwrap();
+        std::fs::write(dir10.join(format!("data_batch_{b}.bin")), bytes)?;
     }
-    std::fs::write(dir10.join("test_batch.bin"), cifar_record(&[9], 1)).unwrap();
+    std::fs::write(dir10.join("test_batch.bin"), cifar_record(&[9], 1))?;
     // The root or the batches directory itself both work.
     for dir in [&root, &dir10] {
-        let train = CifarDataset::open(dir, Split::Train, 10).unwrap();
+        let train = CifarDataset::open(dir, Split::Train, 10)?;
         assert_eq!(
             (train.len(), train.channels(), train.num_classes()),
             (10, 3, 10)
         );
-        let s = train.get(3).unwrap(); // batch 2, record 1
+        let s = train.get(3)?; // batch 2, record 1
         assert_eq!(s.target, Target::Class(3));
         assert_eq!((s.image.height, s.image.width), (32, 32));
         // Planes become interleaved RGB: pixel 6 of channel 2.
         assert_eq!(s.image.pixels[6 * 3 + 2], 5u8.wrapping_mul(7) + 100 + 1);
     }
-    assert_eq!(CifarDataset::open(&root, Split::Test, 10).unwrap().len(), 1);
+    assert_eq!(CifarDataset::open(&root, Split::Test, 10)?.len(), 1);
 
     let dir100 = root.join("cifar-100-binary");
-    std::fs::create_dir_all(&dir100).unwrap();
-    std::fs::write(dir100.join("train.bin"), cifar_record(&[3, 77], 0)).unwrap();
-    std::fs::write(dir100.join("test.bin"), cifar_record(&[3, 99], 0)).unwrap();
-    let c100 = CifarDataset::open(&root, Split::Train, 100).unwrap();
-    assert_eq!(c100.get(0).unwrap().target, Target::Class(77), "fine label");
+    std::fs::create_dir_all(&dir100)?;
+    std::fs::write(dir100.join("train.bin"), cifar_record(&[3, 77], 0))?;
+    std::fs::write(dir100.join("test.bin"), cifar_record(&[3, 99], 0))?;
+    let c100 = CifarDataset::open(&root, Split::Train, 100)?;
+    assert_eq!(c100.get(0)?.target, Target::Class(77), "fine label");
 
     let bad = dir10.join("data_batch_3.bin");
-    std::fs::write(&bad, &cifar_record(&[1], 0)[..2000]).unwrap();
+    std::fs::write(&bad, &cifar_record(&[1], 0)[..2000])?;
     let err = CifarDataset::open(&root, Split::Train, 10)
         .unwrap_err()
         .to_string();
@@ -67,7 +67,7 @@ fn cifar10_and_100_binary_layouts() {
         err.contains("data_batch_3.bin") && err.contains("3073"),
         "{err}"
     );
-    std::fs::write(&bad, cifar_record(&[10], 0)).unwrap();
+    std::fs::write(&bad, cifar_record(&[10], 0))?;
     let err = CifarDataset::open(&root, Split::Train, 10)
         .unwrap_err()
         .to_string();
@@ -75,12 +75,13 @@ fn cifar10_and_100_binary_layouts() {
         err.contains("data_batch_3.bin") && err.contains("label 10"),
         "{err}"
     );
-    std::fs::remove_file(&bad).unwrap();
+    std::fs::remove_file(&bad)?;
     let err = CifarDataset::open(&root, Split::Train, 10)
         .unwrap_err()
         .to_string();
     assert!(err.contains("data_batch_3.bin"), "{err}");
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 fn save_rgb(path: &Path, w: u32, h: u32, seed: u8) {
@@ -91,38 +92,39 @@ fn save_rgb(path: &Path, w: u32, h: u32, seed: u8) {
 }
 
 #[test]
-fn image_folder_reads_png_and_jpeg_by_sorted_class() {
+fn image_folder_reads_png_and_jpeg_by_sorted_class() -> mdeq_testkit::Result {
     let root = scratch("imagefolder");
     save_rgb(&root.join("train/n02/b.png"), 5, 4, 1);
     save_rgb(&root.join("train/n01/a.JPEG"), 8, 6, 2);
     save_rgb(&root.join("train/n01/c.png"), 3, 3, 3);
-    std::fs::write(root.join("train/n01/notes.txt"), "not an image").unwrap();
+    std::fs::write(root.join("train/n01/notes.txt"), "not an image")?;
     save_rgb(&root.join("val/n01/v.png"), 4, 4, 4);
-    let ds = ImageFolder::open(&root, Split::Train).unwrap();
+    let ds = ImageFolder::open(&root, Split::Train)?;
     assert_eq!(ds.classes(), ["n01", "n02"]);
     assert_eq!(ds.len(), 3, "the .txt file is not a sample");
-    let jpeg = ds.get(0).unwrap();
+    let jpeg = ds.get(0)?;
     assert_eq!(
         (jpeg.target.clone(), jpeg.image.width, jpeg.image.height),
         (Target::Class(0), 8, 6)
     );
-    let png = ds.get(2).unwrap();
+    let png = ds.get(2)?;
     assert_eq!(png.target, Target::Class(1));
     assert_eq!(
         &png.image.pixels[..6],
         &[1, 0, 0, 1, 1, 0],
         "exact PNG pixels"
     );
-    assert_eq!(ImageFolder::open(&root, Split::Test).unwrap().len(), 1);
+    assert_eq!(ImageFolder::open(&root, Split::Test)?.len(), 1);
 
-    std::fs::write(root.join("train/n02/b.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    std::fs::write(root.join("train/n02/b.png"), b"\x89PNG\r\n\x1a\n truncated")?;
     let err = ds.get(2).unwrap_err().to_string();
     assert!(err.contains("b.png"), "{err}");
     let err = ImageFolder::open(&root.join("nowhere"), Split::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("nowhere"), "{err}");
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 fn save_grey(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
@@ -133,7 +135,7 @@ fn save_grey(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
 }
 
 #[test]
-fn cityscapes_maps_label_ids_to_train_ids() {
+fn cityscapes_maps_label_ids_to_train_ids() -> mdeq_testkit::Result {
     let root = scratch("cityscapes");
     let ids = [7u8, 26, 0, 33, 5, 24, 255, 11];
     for (city, stem) in [
@@ -153,10 +155,10 @@ fn cityscapes_maps_label_ids_to_train_ids() {
             |x, y| ids[(y * 4 + x) as usize],
         );
     }
-    let ds = Cityscapes::open(&root, Split::Train).unwrap();
+    let ds = Cityscapes::open(&root, Split::Train)?;
     assert_eq!((ds.len(), ds.num_classes()), (2, 19));
     assert!(ds.describe(1).contains("bremen"));
-    let Target::Mask(m) = ds.get(0).unwrap().target else {
+    let Target::Mask(m) = ds.get(0)?.target else {
         panic!("segmentation samples carry masks")
     };
     let ign = IGNORE_LABEL;
@@ -171,7 +173,7 @@ fn cityscapes_maps_label_ids_to_train_ids() {
         err.contains("bremen_000001_000019_gtFine_labelIds.png") && err.contains("is 2x3"),
         "{err}"
     );
-    std::fs::remove_file(&label).unwrap();
+    std::fs::remove_file(&label)?;
     let err = Cityscapes::open(&root, Split::Train)
         .unwrap_err()
         .to_string();
@@ -179,11 +181,12 @@ fn cityscapes_maps_label_ids_to_train_ids() {
         err.contains("bremen_000001_000019_leftImg8bit.png") && err.contains("missing"),
         "{err}"
     );
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 #[test]
-fn fashion_scenes_label_every_pixel_by_its_item() {
+fn fashion_scenes_label_every_pixel_by_its_item() -> mdeq_testkit::Result {
     let dir = scratch("scenes");
     // 6 items of 28×28: a solid 10×10 block of 200 ringed by a faint rim of 20.
     let n = 6;
@@ -204,13 +207,13 @@ fn fashion_scenes_label_every_pixel_by_its_item() {
     }
     let labels: Vec<u8> = (0..n as u8).map(|i| (i * 3) % 10).collect();
     for split in [Split::Train, Split::Test] {
-        mdeq_data::idx::write_split(&dir, split, (28, 28), &pixels, &labels).unwrap();
+        mdeq_data::idx::write_split(&dir, split, (28, 28), &pixels, &labels)?;
     }
-    let ds = FashionScenes::open(&dir, Split::Train, 48).unwrap();
+    let ds = FashionScenes::open(&dir, Split::Train, 48)?;
     assert_eq!((ds.len(), ds.num_classes(), ds.channels()), (6, 11, 1));
     for (i, label) in labels.iter().enumerate() {
-        let s = ds.get(i).unwrap();
-        assert_eq!(s, ds.get(i).unwrap(), "a scene is a function of its index");
+        let s = ds.get(i)?;
+        assert_eq!(s, ds.get(i)?, "a scene is a function of its index");
         let Target::Mask(m) = &s.target else {
             panic!("masks")
         };
@@ -232,5 +235,6 @@ fn fashion_scenes_label_every_pixel_by_its_item() {
         FashionScenes::open(&dir, Split::Train, 20).is_err(),
         "canvas smaller than an item"
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }

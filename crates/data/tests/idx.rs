@@ -9,12 +9,12 @@ use mdeq_data::{
 use std::sync::Arc;
 
 #[test]
-fn reads_raw_and_gzip_files_with_normalisation() {
+fn reads_raw_and_gzip_files_with_normalisation() -> mdeq_testkit::Result {
     for gz in [false, true] {
         let dir = make(7, gz, if gz { "gz" } else { "raw" });
-        let ds = IdxDataset::open(&dir, Split::Train).unwrap();
+        let ds = IdxDataset::open(&dir, Split::Train)?;
         assert_eq!((ds.len(), ds.channels(), ds.num_classes()), (7, 1, 10));
-        let s = ds.get(3).unwrap();
+        let s = ds.get(3)?;
         assert_eq!(s.target, Target::Class(3));
         assert_eq!((s.image.height, s.image.width), (4, 3));
         assert_eq!(s.image.pixels[5], 35);
@@ -24,14 +24,15 @@ fn reads_raw_and_gzip_files_with_normalisation() {
         };
         let expected = ((30.0 + 5.0) / 255.0 - 0.5) / 0.25;
         assert!((norm.apply(&s.image)[5] - expected).abs() < 1e-6);
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir)?;
     }
+    Ok(())
 }
 
 #[test]
-fn batches_are_seeded_and_cover_every_sample_once() {
+fn batches_are_seeded_and_cover_every_sample_once() -> mdeq_testkit::Result {
     let dir = make(10, false, "batches");
-    let ds: Arc<dyn Dataset> = Arc::new(IdxDataset::open(&dir, Split::Test).unwrap());
+    let ds: Arc<dyn Dataset> = Arc::new(IdxDataset::open(&dir, Split::Test)?);
     let unit = Normalization {
         mean: vec![0.0],
         std: vec![1.0],
@@ -63,15 +64,16 @@ fn batches_are_seeded_and_cover_every_sample_once() {
     let mut sorted = a.clone();
     sorted.sort();
     assert_eq!(sorted, (0..10).collect::<Vec<i64>>());
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 #[test]
-fn bad_files_give_errors_naming_the_file() {
+fn bad_files_give_errors_naming_the_file() -> mdeq_testkit::Result {
     let dir = make(5, false, "bad");
     let path = dir.join("train-images-idx3-ubyte");
-    let good = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &good[..good.len() - 3]).unwrap();
+    let good = std::fs::read(&path)?;
+    std::fs::write(&path, &good[..good.len() - 3])?;
     let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
@@ -79,12 +81,12 @@ fn bad_files_give_errors_naming_the_file() {
         err.contains("train-images-idx3-ubyte") && err.contains("promises"),
         "{err}"
     );
-    std::fs::write(&path, b"\x00\x00\x0d\x03garbage and more bytes").unwrap();
+    std::fs::write(&path, b"\x00\x00\x0d\x03garbage and more bytes")?;
     let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("not an IDX file"), "{err}");
-    std::fs::write(&path, &good).unwrap();
+    std::fs::write(&path, &good)?;
     write(
         &dir,
         "train-labels-idx1-ubyte",
@@ -95,16 +97,17 @@ fn bad_files_give_errors_naming_the_file() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("label 12"), "{err}");
-    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), b"not gzip").unwrap();
-    std::fs::remove_file(&path).unwrap();
+    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), b"not gzip")?;
+    std::fs::remove_file(&path)?;
     let err = IdxDataset::open(&dir, Split::Train).unwrap_err();
     assert!(
         matches!(err, DataError::Format { .. }) && err.to_string().contains(".gz"),
         "{err}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&dir)?;
     let err = IdxDataset::open(&dir, Split::Train)
         .unwrap_err()
         .to_string();
     assert!(err.contains("train-images-idx3-ubyte"), "{err}");
+    Ok(())
 }

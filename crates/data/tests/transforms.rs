@@ -36,7 +36,7 @@ fn rng(seed: u64) -> rand::rngs::StdRng {
 }
 
 #[test]
-fn crop_pad_and_flip_move_pixels_where_they_should() {
+fn crop_pad_and_flip_move_pixels_where_they_should() -> mdeq_testkit::Result {
     let img = ramp(2, 3, 4);
     let flipped = flip_horizontal(&img);
     assert_eq!(flip_horizontal(&flipped), img);
@@ -51,19 +51,18 @@ fn crop_pad_and_flip_move_pixels_where_they_should() {
         padded.pixels[..12].iter().all(|&v| v == 0),
         "top row is padding"
     );
+    Ok(())
 }
 
 #[test]
-fn pad_crop_flip_keeps_size_and_shifts_content() {
+fn pad_crop_flip_keeps_size_and_shifts_content() -> mdeq_testkit::Result {
     let img = ramp(1, 8, 8);
     let s = Sample {
         image: img.clone(),
         target: Target::Class(3),
     };
     for seed in 0..20 {
-        let out = Transform::PadCropFlip { pad: 2 }
-            .apply(s.clone(), &mut rng(seed))
-            .unwrap();
+        let out = Transform::PadCropFlip { pad: 2 }.apply(s.clone(), &mut rng(seed))?;
         assert_eq!((out.image.height, out.image.width), (8, 8));
         assert_eq!(out.target, Target::Class(3));
         // Every non-zero output value is an input value (zeros come from padding).
@@ -73,17 +72,18 @@ fn pad_crop_flip_keeps_size_and_shifts_content() {
             .iter()
             .all(|v| *v == 0 || img.pixels.contains(v)));
     }
+    Ok(())
 }
 
 #[test]
-fn segmentation_transforms_keep_image_and_labels_aligned() {
+fn segmentation_transforms_keep_image_and_labels_aligned() -> mdeq_testkit::Result {
     let s = labelled(40, 80);
     for seed in 0..10 {
         let t = Transform::ScaleCropFlip {
             base_long: 80,
             crop: (24, 32),
         };
-        let out = t.apply(s.clone(), &mut rng(seed)).unwrap();
+        let out = t.apply(s.clone(), &mut rng(seed))?;
         let Target::Mask(m) = &out.target else {
             panic!("mask")
         };
@@ -105,26 +105,24 @@ fn segmentation_transforms_keep_image_and_labels_aligned() {
         height: 20,
         width: 40,
     }
-    .apply(s.clone(), &mut rng(0))
-    .unwrap();
+    .apply(s.clone(), &mut rng(0))?;
     assert_eq!((out.image.height, out.image.width), (20, 40));
     let bad = Sample {
         image: ramp(3, 4, 4),
         target: Target::Mask(ramp(1, 4, 5)),
     };
     assert!(Transform::Identity.apply(bad, &mut rng(0)).is_err());
+    Ok(())
 }
 
 #[test]
-fn imagenet_crops_have_the_recipe_size() {
+fn imagenet_crops_have_the_recipe_size() -> mdeq_testkit::Result {
     let s = Sample {
         image: ramp(3, 50, 70),
         target: Target::Class(1),
     };
     for seed in 0..10 {
-        let out = Transform::RandomResizedCropFlip { size: 24 }
-            .apply(s.clone(), &mut rng(seed))
-            .unwrap();
+        let out = Transform::RandomResizedCropFlip { size: 24 }.apply(s.clone(), &mut rng(seed))?;
         assert_eq!(
             (out.image.channels, out.image.height, out.image.width),
             (3, 24, 24)
@@ -134,9 +132,9 @@ fn imagenet_crops_have_the_recipe_size() {
         resize: 28,
         crop: 24,
     }
-    .apply(s, &mut rng(0))
-    .unwrap();
+    .apply(s, &mut rng(0))?;
     assert_eq!((out.image.height, out.image.width), (24, 24));
+    Ok(())
 }
 
 /// Eight 12×12 RGB images with masks, for loader tests.
@@ -162,7 +160,7 @@ impl Dataset for Toy {
 }
 
 #[test]
-fn augmented_batches_are_reproducible_and_prefetch_gives_the_same() {
+fn augmented_batches_are_reproducible_and_prefetch_gives_the_same() -> mdeq_testkit::Result {
     let ds: Arc<dyn Dataset> = Arc::new(Toy);
     let norm = Normalization {
         mean: vec![0.5, 0.4, 0.3],
@@ -195,7 +193,46 @@ fn augmented_batches_are_reproducible_and_prefetch_gives_the_same() {
         .map(|i| flat(loader(1).batch(i, &dev).unwrap()))
         .collect();
     assert_ne!(a, c, "another epoch draws other augmentations");
-    let batch = loader(0).batch(0, &dev).unwrap();
+    let batch = loader(0).batch(0, &dev)?;
     assert_eq!(batch.images.dims(), &[3, 3, 8, 8]);
     assert_eq!(batch.labels.dims(), &[3, 8, 8]);
+    Ok(())
+}
+
+#[test]
+fn a_single_image_is_prepared_as_its_dataset_evaluates() -> Result<(), DataError> {
+    use mdeq_data::{transform::resize, DatasetKind, Split};
+    let image = ramp(3, 50, 70);
+    // ImageNet: the evaluation transform itself (resize + centre crop), as a dataset sample
+    // gets it.
+    let eval = DatasetKind::ImageNet.transform(Split::Test, false, [24, 24], None);
+    let expected = eval
+        .apply(
+            Sample {
+                image: image.clone(),
+                target: Target::Class(0),
+            },
+            &mut rng(0),
+        )?
+        .image;
+    let prepared = DatasetKind::ImageNet.prepare_image(image.clone(), false, [24, 24], None)?;
+    assert_eq!(prepared, expected);
+    assert_eq!((prepared.height, prepared.width), (24, 24));
+    // CIFAR evaluates images at their own size; a classification image of another size is
+    // brought to the recipe's, bilinearly.
+    let prepared = DatasetKind::Cifar10.prepare_image(image.clone(), false, [32, 32], None)?;
+    let bilinear = image::imageops::FilterType::Triangle;
+    assert_eq!(prepared, resize(&image, 32, 32, bilinear));
+    // Segmentation keeps the image's own size unless the recipe fixes one.
+    let kept = DatasetKind::Cityscapes.prepare_image(image.clone(), true, [32, 64], None)?;
+    assert_eq!(kept, image);
+    // A random augmentation is not an evaluation transform.
+    let err = Transform::PadCropFlip { pad: 4 }
+        .apply_to_image(image)
+        .expect_err("random augmentation applied to one image");
+    assert!(
+        err.to_string().contains("random training augmentation"),
+        "{err}"
+    );
+    Ok(())
 }

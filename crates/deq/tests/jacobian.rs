@@ -30,22 +30,23 @@ fn linear_vjp(lambda: [f64; D]) -> impl FnMut(&Tensor) -> candle_core::Result<Te
 }
 
 #[test]
-fn power_iteration_finds_the_dominant_eigenvalue() {
+fn power_iteration_finds_the_dominant_eigenvalue() -> mdeq_testkit::Result {
     let lambda = [-2.5, 0.9, 0.3, -0.2, 0.1];
     let mut vjp = linear_vjp(lambda);
-    let v0 = Tensor::ones((2, D), DType::F64, &Device::Cpu).unwrap();
-    let rho = spectral_radius(&mut vjp, &v0, 150).unwrap();
+    let v0 = Tensor::ones((2, D), DType::F64, &Device::Cpu)?;
+    let rho = spectral_radius(&mut vjp, &v0, 150)?;
     for r in rho {
         assert!((r - 2.5).abs() < 1e-6, "{r}");
     }
+    Ok(())
 }
 
 #[test]
-fn hutchinson_estimates_the_frobenius_norm_and_converges() {
+fn hutchinson_estimates_the_frobenius_norm_and_converges() -> mdeq_testkit::Result {
     let lambda = [1.5, -1.0, 0.5, 0.25, 2.0];
     // ‖J‖²_F = Σ λ² (J is orthogonally similar to diag(λ)), per sample; the estimator divides by B·D.
     let exact = lambda.iter().map(|l| l * l).sum::<f64>() / D as f64;
-    let like = Tensor::zeros((4, D), DType::F64, &Device::Cpu).unwrap();
+    let like = Tensor::zeros((4, D), DType::F64, &Device::Cpu)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut vjp = linear_vjp(lambda);
     let err_with =
@@ -73,6 +74,7 @@ fn hutchinson_estimates_the_frobenius_norm_and_converges() {
         many < few / 3.0,
         "error should shrink like 1/sqrt(probes): {few} -> {many}"
     );
+    Ok(())
 }
 
 /// f(z) = tanh(z W + c) with W a trainable (D, D) matrix, row-vector convention.
@@ -95,11 +97,11 @@ fn tanh_setup() -> (Var, Tensor) {
 }
 
 #[test]
-fn finite_difference_penalty_estimates_the_frobenius_norm() {
+fn finite_difference_penalty_estimates_the_frobenius_norm() -> mdeq_testkit::Result {
     let (w, z) = tanh_setup();
     // Exact: ∂f_i/∂z_j = (1 − t_i²) W_ji, so ‖J_b‖²_F = Σ_i (1 − t_i²)² Σ_j W_ji².
-    let t = tanh_map(&w)(&z).unwrap().to_vec2::<f64>().unwrap();
-    let wv = w.as_tensor().to_vec2::<f64>().unwrap();
+    let t = tanh_map(&w)(&z)?.to_vec2::<f64>()?;
+    let wv = w.as_tensor().to_vec2::<f64>()?;
     let col_sq: Vec<f64> = (0..D)
         .map(|i| (0..D).map(|j| wv[j][i] * wv[j][i]).sum())
         .collect();
@@ -114,15 +116,14 @@ fn finite_difference_penalty_estimates_the_frobenius_norm() {
         / (3 * D) as f64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut f = tanh_map(&w);
-    let est = frobenius_sq_finite_difference(&mut f, &z, 2000, 1e-4, &mut rng)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let est =
+        frobenius_sq_finite_difference(&mut f, &z, 2000, 1e-4, &mut rng)?.to_scalar::<f64>()?;
     assert!((est - exact).abs() / exact < 0.03, "{est} vs exact {exact}");
+    Ok(())
 }
 
 #[test]
-fn finite_difference_penalty_trains_the_parameters() {
+fn finite_difference_penalty_trains_the_parameters() -> mdeq_testkit::Result {
     let (w, z) = tanh_setup();
     // With fixed probes (same seed) the penalty is a smooth function of W: its backprop gradient
     // must match central differences in W.
@@ -131,9 +132,9 @@ fn finite_difference_penalty_trains_the_parameters() {
         let mut f = tanh_map(w);
         frobenius_sq_finite_difference(&mut f, &z, 2, 1e-4, &mut rng).unwrap()
     };
-    let grads = penalty(&w).backward().unwrap();
-    let g = grads.get(w.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
-    let base = w.as_tensor().to_vec2::<f64>().unwrap();
+    let grads = penalty(&w).backward()?;
+    let g = grads.get(w.as_tensor()).unwrap().to_vec2::<f64>()?;
+    let base = w.as_tensor().to_vec2::<f64>()?;
     for (r, c) in [(0, 0), (1, 3), (4, 2), (2, 4)] {
         let at = |delta: f64| {
             let mut m = base.clone();
@@ -150,4 +151,5 @@ fn finite_difference_penalty_trains_the_parameters() {
             g[r][c]
         );
     }
+    Ok(())
 }

@@ -79,16 +79,16 @@ fn direct_solve(a: &[f64], b: &[f64]) -> Vec<f64> {
 }
 
 #[test]
-fn every_solver_finds_the_fixed_point_of_a_linear_map() {
+fn every_solver_finds_the_fixed_point_of_a_linear_map() -> mdeq_testkit::Result {
     let a = contraction(0.8);
     let bv: Vec<f64> = (0..D).map(|i| i as f64 * 0.3 - 0.7).collect();
-    let b = Tensor::from_vec(bv.clone(), (1, D), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(bv.clone(), (1, D), &Device::Cpu)?;
     let expected = direct_solve(&a, &bv);
-    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu)?;
     for kind in all_solvers() {
         let mut f = linear_map(&a, &b);
-        let sol = kind.solve(&mut f, &z0, &opts(200, 1e-11)).unwrap();
-        let z = sol.z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let sol = kind.solve(&mut f, &z0, &opts(200, 1e-11))?;
+        let z = sol.z.flatten_all()?.to_vec1::<f64>()?;
         let err = z
             .iter()
             .zip(&expected)
@@ -97,10 +97,11 @@ fn every_solver_finds_the_fixed_point_of_a_linear_map() {
         assert!(err < 1e-9, "{kind:?}: max error {err}");
         assert_eq!(sol.stats.status, vec![SampleStatus::Converged], "{kind:?}");
     }
+    Ok(())
 }
 
 #[test]
-fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() {
+fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() -> mdeq_testkit::Result {
     // Eigenvalues 0.97, 0.87, ...: plain iteration needs ~800 steps for 1e-10.
     let a: Vec<f64> = (0..D * D)
         .map(|k| {
@@ -111,8 +112,8 @@ fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() {
             }
         })
         .collect();
-    let b = Tensor::ones((1, D), DType::F64, &Device::Cpu).unwrap();
-    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let b = Tensor::ones((1, D), DType::F64, &Device::Cpu)?;
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu)?;
     let run = |name: &str| {
         let mut f = linear_map(&a, &b);
         SolverKind::from_name(name)
@@ -127,10 +128,11 @@ fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() {
         broyden * 5 < naive,
         "broyden {broyden} steps, fixed point {naive}"
     );
+    Ok(())
 }
 
 #[test]
-fn per_sample_answers_do_not_depend_on_the_batch() {
+fn per_sample_answers_do_not_depend_on_the_batch() -> mdeq_testkit::Result {
     let a = contraction(0.9);
     let rows: Vec<Vec<f64>> = (0..3)
         .map(|s| {
@@ -162,78 +164,63 @@ fn per_sample_answers_do_not_depend_on_the_batch() {
         alone[0], with_other[1],
         "sample 0 alone vs after another sample"
     );
+    Ok(())
 }
 
 #[test]
-fn official_coupling_uses_whole_batch_norms() {
+fn official_coupling_uses_whole_batch_norms() -> mdeq_testkit::Result {
     let a = contraction(0.5);
     let b = Tensor::from_vec(
         (0..2 * D).map(|i| i as f64).collect::<Vec<_>>(),
         (2, D),
         &Device::Cpu,
-    )
-    .unwrap();
+    )?;
     let at = transposed(&a);
     let mut f = |z: &Tensor| z.matmul(&at)? + &b;
-    let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu).unwrap();
+    let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu)?;
     let o = SolverOptions {
         coupling: Coupling::Official,
         ..opts(30, 1e-6)
     };
     let sol = SolverKind::from_name("broyden")
         .unwrap()
-        .solve(&mut f, &z0, &o)
-        .unwrap();
+        .solve(&mut f, &z0, &o)?;
     // The first step is z1 = f(0) = b, whose residual is f(b) − b = A b: check the batch norm.
-    let ab = b.matmul(&at).unwrap();
-    let expected = ab
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let ab = b.matmul(&at)?;
+    let expected = ab.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
     let first = &sol.stats.abs_trace[0];
     assert!(
         (first[0] - expected).abs() < 1e-12 && first[0] == first[1],
         "{first:?} vs {expected}"
     );
+    Ok(())
 }
 
 #[test]
-fn anderson_survives_a_rank_deficient_history() {
+fn anderson_survives_a_rank_deficient_history() -> mdeq_testkit::Result {
     // All residuals lie on one line, so the Gram matrix of the history is rank one.
     let dir = Tensor::from_vec(
         (0..D).map(|i| (i + 1) as f64).collect::<Vec<_>>(),
         (1, D),
         &Device::Cpu,
-    )
-    .unwrap();
+    )?;
     let mut f = |z: &Tensor| (z * 0.5)? + &dir;
-    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu)?;
     let kind = SolverKind::Anderson {
         m: 5,
         lambda: 0.0,
         beta: 1.0,
     };
-    let sol = kind.solve(&mut f, &z0, &opts(50, 1e-9)).unwrap();
-    let expected = (&dir * 2.0).unwrap();
-    let err = (&sol.z - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let sol = kind.solve(&mut f, &z0, &opts(50, 1e-9))?;
+    let expected = (&dir * 2.0)?;
+    let err = (&sol.z - expected)?.abs()?.max_all()?.to_scalar::<f64>()?;
     assert!(err < 1e-8, "error {err}");
     assert_eq!(sol.stats.status[0], SampleStatus::Converged);
+    Ok(())
 }
 
 #[test]
-fn nan_is_reported_per_sample_and_never_returned() {
+fn nan_is_reported_per_sample_and_never_returned() -> mdeq_testkit::Result {
     // Sample 1 produces NaN after the first step; sample 0 is a healthy contraction.
     let mut calls = 0;
     let mut f = |z: &Tensor| {
@@ -246,30 +233,30 @@ fn nan_is_reported_per_sample_and_never_returned() {
         };
         Tensor::cat(&[healthy, other], 0)
     };
-    let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu).unwrap();
+    let z0 = Tensor::zeros((2, D), DType::F64, &Device::Cpu)?;
     let sol = SolverKind::from_name("broyden")
         .unwrap()
-        .solve(&mut f, &z0, &opts(40, 1e-10))
-        .unwrap();
+        .solve(&mut f, &z0, &opts(40, 1e-10))?;
     assert_eq!(sol.stats.status[0], SampleStatus::Converged);
     assert_eq!(sol.stats.status[1], SampleStatus::Diverged);
-    let z = sol.z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let z = sol.z.flatten_all()?.to_vec1::<f64>()?;
     assert!(z.iter().all(|x| x.is_finite()), "{z:?}");
+    Ok(())
 }
 
 #[test]
-fn fallback_chain_rescues_an_unconverged_solve() {
+fn fallback_chain_rescues_an_unconverged_solve() -> mdeq_testkit::Result {
     let a = contraction(0.9);
-    let b = Tensor::ones((1, D), DType::F64, &Device::Cpu).unwrap();
-    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
+    let b = Tensor::ones((1, D), DType::F64, &Device::Cpu)?;
+    let z0 = Tensor::zeros((1, D), DType::F64, &Device::Cpu)?;
     let chain = vec![
         SolverKind::from_name("fixed_point").unwrap(),
         SolverKind::from_name("broyden").unwrap(),
     ];
     let mut f = linear_map(&a, &b);
-    let sol = solve_with_fallback(&chain, &mut f, &z0, &opts(5, 1e-10)).unwrap();
+    let sol = solve_with_fallback(&chain, &mut f, &z0, &opts(5, 1e-10))?;
     let mut g = linear_map(&a, &b);
-    let only_first = chain[0].solve(&mut g, &z0, &opts(5, 1e-10)).unwrap();
+    let only_first = chain[0].solve(&mut g, &z0, &opts(5, 1e-10))?;
     assert_ne!(only_first.stats.status[0], SampleStatus::Converged);
     assert!(
         sol.stats.lowest[0] < only_first.stats.lowest[0] * 1e-3,
@@ -278,6 +265,7 @@ fn fallback_chain_rescues_an_unconverged_solve() {
         only_first.stats.lowest[0]
     );
     assert_eq!(sol.stats.solver, "fixed_point+broyden");
+    Ok(())
 }
 
 /// L(θ) = c · z*(θ) for z* = tanh(W z* + U x + θ); returns (L, dL/dθ by the IFT).
@@ -343,7 +331,7 @@ fn tanh_deq(theta: &[f64], w_scale: f64, mode: &BackwardMode) -> (f64, Vec<f64>)
 }
 
 #[test]
-fn implicit_gradient_matches_central_finite_differences() {
+fn implicit_gradient_matches_central_finite_differences() -> mdeq_testkit::Result {
     let theta: Vec<f64> = (0..D).map(|i| 0.2 * i as f64 - 0.5).collect();
     let (_, grad) = tanh_deq(&theta, 0.9, &BackwardMode::Ift);
     let h = 1e-6;
@@ -362,10 +350,11 @@ fn implicit_gradient_matches_central_finite_differences() {
             grad[k]
         );
     }
+    Ok(())
 }
 
 #[test]
-fn phantom_and_jfb_approach_ift_as_the_map_contracts() {
+fn phantom_and_jfb_approach_ift_as_the_map_contracts() -> mdeq_testkit::Result {
     let theta: Vec<f64> = (0..D).map(|i| 0.1 * i as f64).collect();
     let rel_err = |scale: f64, mode: BackwardMode| {
         let (_, exact) = tanh_deq(&theta, scale, &BackwardMode::Ift);
@@ -386,30 +375,29 @@ fn phantom_and_jfb_approach_ift_as_the_map_contracts() {
             "{mode:?}: {loose} at 0.8, {tight} at 0.05"
         );
     }
+    Ok(())
 }
 
 #[test]
-fn graph_vjp_matches_the_transposed_jacobian_of_a_linear_map() {
+fn graph_vjp_matches_the_transposed_jacobian_of_a_linear_map() -> mdeq_testkit::Result {
     let a = contraction(0.7);
     let at = transposed(&a);
-    let z = Var::zeros((1, D), DType::F64, &Device::Cpu).unwrap();
-    let out = z.as_tensor().matmul(&at).unwrap();
+    let z = Var::zeros((1, D), DType::F64, &Device::Cpu)?;
+    let out = z.as_tensor().matmul(&at)?;
     let mut g = GraphVjp::new(z, out);
     for k in 0..D {
         let mut e = vec![0.0; D];
         e[k] = 1.0;
         let row = g
-            .vjp(&Tensor::from_vec(e, (1, D), &Device::Cpu).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+            .vjp(&Tensor::from_vec(e, (1, D), &Device::Cpu)?)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         for j in 0..D {
             assert!((row[j] - a[k * D + j]).abs() < 1e-15);
         }
     }
     assert_eq!(g.calls, D);
+    Ok(())
 }
 
 /// z ↦ tanh(s_k·A z + b_k) per sample k, which says its samples are independent (`compact`) or
@@ -448,20 +436,19 @@ impl FixedPointMap for RowwiseLinear {
 }
 
 #[test]
-fn compaction_skips_converged_samples_without_changing_any_answer() {
+fn compaction_skips_converged_samples_without_changing_any_answer() -> mdeq_testkit::Result {
     let a = contraction(0.95);
     let at = transposed(&a);
     // Contraction factors from 0.1 to 0.95: the samples converge after very different counts.
     let scales = [0.1, 0.95, 0.4, 0.7];
     let n = scales.len();
-    let scale = Tensor::from_vec(scales.to_vec(), (n, 1), &Device::Cpu).unwrap();
+    let scale = Tensor::from_vec(scales.to_vec(), (n, 1), &Device::Cpu)?;
     let b = Tensor::from_vec(
         (0..n * D).map(|k| (k as f64 * 0.37).sin()).collect(),
         (n, D),
         &Device::Cpu,
-    )
-    .unwrap();
-    let z0 = Tensor::zeros((n, D), DType::F64, &Device::Cpu).unwrap();
+    )?;
+    let z0 = Tensor::zeros((n, D), DType::F64, &Device::Cpu)?;
     for kind in all_solvers() {
         let run = |compact: bool, compact_batch: bool| {
             let mut f = RowwiseLinear {
@@ -508,8 +495,8 @@ fn compaction_skips_converged_samples_without_changing_any_answer() {
         assert_eq!(compacted.stats.status, full.stats.status, "{kind:?}");
         assert!(compacted.stats.all_converged(), "{kind:?}");
         let (zc, zf) = (
-            compacted.z.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-            full.z.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            compacted.z.flatten_all()?.to_vec1::<f64>()?,
+            full.z.flatten_all()?.to_vec1::<f64>()?,
         );
         let diff = zc
             .iter()
@@ -518,6 +505,7 @@ fn compaction_skips_converged_samples_without_changing_any_answer() {
             .fold(0.0, f64::max);
         assert!(diff < 1e-13, "{kind:?}: answers differ by {diff}");
     }
+    Ok(())
 }
 
 /// Limited-memory Broyden for one sample written plainly over `Vec<f64>`, keeping the newest
@@ -570,7 +558,7 @@ fn reference_broyden(
 }
 
 #[test]
-fn capped_broyden_history_matches_a_plain_reference() {
+fn capped_broyden_history_matches_a_plain_reference() -> mdeq_testkit::Result {
     let a = contraction(1.3);
     let bias: Vec<f64> = (0..D).map(|i| (i as f64 * 0.9).cos()).collect();
     let f = |z: &[f64]| -> Vec<f64> {
@@ -579,9 +567,9 @@ fn capped_broyden_history_matches_a_plain_reference() {
             .collect()
     };
     let at = transposed(&a);
-    let b = Tensor::from_vec(bias.clone(), (1, D), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(bias.clone(), (1, D), &Device::Cpu)?;
     let z0v: Vec<f64> = (0..D).map(|i| 0.1 * i as f64).collect();
-    let z0 = Tensor::from_vec(z0v.clone(), (1, D), &Device::Cpu).unwrap();
+    let z0 = Tensor::from_vec(z0v.clone(), (1, D), &Device::Cpu)?;
     // Few enough steps that the residual never reaches exactly zero.
     let steps = 9;
     // Caps below, at and above the growth steps of the buffers (4, 8, ...), and uncapped.
@@ -591,8 +579,8 @@ fn capped_broyden_history_matches_a_plain_reference() {
             max_pairs: Some(cap),
             max_history_bytes: None,
         };
-        let sol = kind.solve(&mut map, &z0, &opts(steps, 1e-300)).unwrap();
-        let ours = sol.z.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let sol = kind.solve(&mut map, &z0, &opts(steps, 1e-300))?;
+        let ours = sol.z.flatten_all()?.to_vec1::<f64>()?;
         let reference = reference_broyden(f, &z0v, steps, cap);
         let diff = ours
             .iter()
@@ -605,4 +593,5 @@ fn capped_broyden_history_matches_a_plain_reference() {
         );
         assert_eq!(sol.stats.steps, steps, "cap {cap}");
     }
+    Ok(())
 }

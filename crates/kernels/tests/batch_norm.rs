@@ -1,19 +1,9 @@
 //! Fused train-mode BatchNorm against the same normalisation composed from candle ops (forward,
 //! and the gradients of x, γ and β by autograd), and its per-channel moments.
 
-mod common;
-
-use candle_core::{DType, Device, Tensor, Var};
-use common::max_rel;
+use candle_core::{DType, Tensor, Var};
 use mdeq_kernels::batch_norm::{batch_norm_train, channel_moments};
-
-fn wave(shape: &[usize], a: f64, scale: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|i| (a * i as f64 + 0.2).sin() * scale + 0.5)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use mdeq_testkit::{max_rel, wave};
 
 /// A normalisation of x with optional (γ, β).
 type Norm = dyn Fn(&Tensor, Option<(&Tensor, &Tensor)>) -> Tensor;
@@ -37,13 +27,13 @@ fn composed(x: &Tensor, affine: Option<(&Tensor, &Tensor)>) -> Tensor {
 }
 
 #[test]
-fn fused_batch_norm_matches_candle_ops_forward_and_backward() {
+fn fused_batch_norm_matches_candle_ops_forward_and_backward() -> mdeq_testkit::Result {
     // Batch 1, odd channel counts and spatial sizes not multiples of the 8 lanes.
     for &(b, c, h, w) in &[(1, 3, 5, 7), (2, 8, 4, 4), (5, 11, 3, 1)] {
-        let x = wave(&[b, c, h, w], 0.77, 3.0);
-        let dy = wave(&[b, c, h, w], 1.9, 1.0);
-        let gamma = wave(&[c], 0.5, 0.5);
-        let beta = wave(&[c], 1.3, 0.2);
+        let x = wave(&[b, c, h, w], 0.77, 0.2)?.affine(3.0, 0.5)?;
+        let dy = wave(&[b, c, h, w], 1.9, 0.2)?.affine(1.0, 0.5)?;
+        let gamma = wave(&[c], 0.5, 0.2)?.affine(0.5, 0.5)?;
+        let beta = wave(&[c], 1.3, 0.2)?.affine(0.2, 0.5)?;
         for affine in [false, true] {
             let run = |f: &Norm| {
                 let (xv, gv, bv) = (
@@ -66,7 +56,7 @@ fn fused_batch_norm_matches_candle_ops_forward_and_backward() {
             let reference = run(&|x, a| composed(x, a));
             let fused = run(&|x, a| batch_norm_train(x, a, 1e-5).unwrap());
             for (k, (f, r)) in fused.iter().zip(&reference).enumerate() {
-                let rel = max_rel(f, r);
+                let rel = max_rel(f, r)?;
                 assert!(
                     rel < 1e-11,
                     "{:?} affine {affine} output {k}: {rel}",
@@ -74,30 +64,25 @@ fn fused_batch_norm_matches_candle_ops_forward_and_backward() {
                 );
             }
             // float32 against the float64 reference.
-            let y32 = batch_norm_train(&x.to_dtype(DType::F32).unwrap(), None, 1e-5).unwrap();
+            let y32 = batch_norm_train(&x.to_dtype(DType::F32)?, None, 1e-5)?;
             if !affine {
-                let rel = max_rel(&y32.to_dtype(DType::F64).unwrap(), &reference[0]);
+                let rel = max_rel(&y32.to_dtype(DType::F64)?, &reference[0])?;
                 assert!(rel < 1e-6, "f32 forward: {rel}");
             }
         }
-        let (mean, var) = channel_moments(&x).unwrap();
-        let m = x.mean_keepdim((0, 2, 3)).unwrap();
-        let v = x
-            .broadcast_sub(&m)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_keepdim((0, 2, 3))
-            .unwrap();
+        let (mean, var) = channel_moments(&x)?;
+        let m = x.mean_keepdim((0, 2, 3))?;
+        let v = x.broadcast_sub(&m)?.sqr()?.mean_keepdim((0, 2, 3))?;
         let (m, v) = (
-            m.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-            v.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            m.flatten_all()?.to_vec1::<f64>()?,
+            v.flatten_all()?.to_vec1::<f64>()?,
         );
         for ch in 0..c {
             assert!((mean[ch] - m[ch]).abs() < 1e-12 && (var[ch] - v[ch]).abs() < 1e-12);
         }
     }
-    let x = wave(&[2, 3, 2, 2], 0.1, 1.0);
-    let short = wave(&[2], 0.1, 1.0);
+    let x = wave(&[2, 3, 2, 2], 0.1, 0.2)?.affine(1.0, 0.5)?;
+    let short = wave(&[2], 0.1, 0.2)?.affine(1.0, 0.5)?;
     assert!(batch_norm_train(&x, Some((&short, &short)), 1e-5).is_err());
+    Ok(())
 }

@@ -1,19 +1,9 @@
 //! The fast convolution against candle's own convolution and float64 finite differences, on odd
 //! shapes: non-square inputs, stride 2, channel counts that are not multiples of 8, batch 1.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor, Var};
-use common::max_rel;
 use mdeq_kernels::conv2d;
-
-fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|i| (((i as u64 + 1) * (seed * 2654435761 + 97)) % 1000) as f64 / 500.0 - 1.0)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use mdeq_testkit::{hashed, max_rel};
 
 /// (batch, c_in, h, w, c_out, k, stride)
 const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
@@ -28,36 +18,26 @@ const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
 ];
 
 #[test]
-fn forward_and_both_gradients_match_candle_in_f64_and_f32() {
+fn forward_and_both_gradients_match_candle_in_f64_and_f32() -> mdeq_testkit::Result {
     for &(b, ci, h, w, co, k, s) in CASES {
         let p = k / 2;
         for dtype in [DType::F64, DType::F32] {
             let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
-            let x = Var::from_tensor(&rand(&[b, ci, h, w], 1).to_dtype(dtype).unwrap()).unwrap();
-            let wt = Var::from_tensor(&rand(&[co, ci, k, k], 2).to_dtype(dtype).unwrap()).unwrap();
-            let ours = conv2d(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
-            let reference = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1).unwrap();
+            let x = Var::from_tensor(&hashed(&[b, ci, h, w], 1)?.to_dtype(dtype)?)?;
+            let wt = Var::from_tensor(&hashed(&[co, ci, k, k], 2)?.to_dtype(dtype)?)?;
+            let ours = conv2d(x.as_tensor(), wt.as_tensor(), s, p)?;
+            let reference = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1)?;
             assert_eq!(ours.dims(), reference.dims());
             assert!(
-                max_rel(&ours, &reference) < tol,
+                max_rel(&ours, &reference)? < tol,
                 "forward {:?} {dtype:?}",
                 (b, ci, h, w, co, k, s)
             );
-            let upstream = rand(ours.dims(), 3).to_dtype(dtype).unwrap();
-            let g_ours = (&ours * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let upstream = hashed(ours.dims(), 3)?.to_dtype(dtype)?;
+            let g_ours = (&ours * &upstream)?.sum_all()?.backward()?;
             // candle 0.11's own backward fails for stride 2 on odd sizes (its transposed
             // convolution returns the wrong shape); those cases are covered by finite differences.
-            let Ok(g_ref) = (&reference * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-            else {
+            let Ok(g_ref) = (&reference * &upstream)?.sum_all()?.backward() else {
                 assert!(s == 2, "candle backward failed on a stride-1 case");
                 continue;
             };
@@ -67,29 +47,31 @@ fn forward_and_both_gradients_match_candle_in_f64_and_f32() {
                     g_ref.get(v.as_tensor()).unwrap(),
                 );
                 assert!(
-                    max_rel(a, r) < tol,
+                    max_rel(a, r)? < tol,
                     "{name} gradient {:?} {dtype:?}: {}",
                     (b, ci, h, w, co, k, s),
-                    max_rel(a, r)
+                    max_rel(a, r)?
                 );
             }
         }
     }
+    Ok(())
 }
 
 #[test]
-fn gradients_match_central_finite_differences() {
+fn gradients_match_central_finite_differences() -> mdeq_testkit::Result {
     for &(b, ci, h, w, co, k, s) in CASES {
         finite_difference_check(b, ci, h, w, co, k, s);
     }
+    Ok(())
 }
 
 fn finite_difference_check(b: usize, ci: usize, h: usize, w: usize, co: usize, k: usize, s: usize) {
-    let x0 = rand(&[b, ci, h, w], 5);
-    let w0 = rand(&[co, ci, k, k], 6);
+    let x0 = hashed(&[b, ci, h, w], 5).unwrap();
+    let w0 = hashed(&[co, ci, k, k], 6).unwrap();
     let p = k / 2;
     let out = conv2d(&x0, &w0, s, p).unwrap();
-    let up = rand(out.dims(), 7);
+    let up = hashed(out.dims(), 7).unwrap();
     let loss = |x: &Tensor, wt: &Tensor| {
         (conv2d(x, wt, s, p).unwrap() * &up)
             .unwrap()
@@ -137,9 +119,10 @@ fn finite_difference_check(b: usize, ci: usize, h: usize, w: usize, co: usize, k
 }
 
 #[test]
-fn bad_shapes_are_errors() {
-    let x = rand(&[1, 3, 4, 4], 1);
-    assert!(conv2d(&x, &rand(&[2, 4, 3, 3], 2), 1, 1).is_err());
-    assert!(conv2d(&x, &rand(&[2, 3, 3, 2], 2), 1, 1).is_err());
-    assert!(conv2d(&x, &rand(&[2, 3, 7, 7], 2), 1, 0).is_err());
+fn bad_shapes_are_errors() -> mdeq_testkit::Result {
+    let x = hashed(&[1, 3, 4, 4], 1)?;
+    assert!(conv2d(&x, &hashed(&[2, 4, 3, 3], 2)?, 1, 1).is_err());
+    assert!(conv2d(&x, &hashed(&[2, 3, 3, 2], 2)?, 1, 1).is_err());
+    assert!(conv2d(&x, &hashed(&[2, 3, 7, 7], 2)?, 1, 0).is_err());
+    Ok(())
 }

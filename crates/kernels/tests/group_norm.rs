@@ -1,22 +1,12 @@
 //! The fused GroupNorm against the composed candle version (forward and every gradient) and
 //! float64 finite differences.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor, Var};
-use common::max_rel;
 use mdeq_kernels::group_norm::{composed, group_norm, group_norm_relu};
-
-fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|i| (((i as u64 + 3) * (seed * 2654435761 + 11)) % 997) as f64 / 300.0 - 1.5)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use mdeq_testkit::{hashed, max_rel, wave};
 
 #[test]
-fn fused_matches_composed_forward_and_backward() {
+fn fused_matches_composed_forward_and_backward() -> mdeq_testkit::Result {
     // (batch, channels, h, w, groups)
     for &(b, c, h, w, g) in &[
         (1, 4, 3, 5, 2),
@@ -28,41 +18,35 @@ fn fused_matches_composed_forward_and_backward() {
         for (affine, relu) in [(false, false), (true, false), (false, true), (true, true)] {
             for dtype in [DType::F64, DType::F32] {
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-                let x = Var::from_tensor(&rand(&[b, c, h, w], 1).to_dtype(dtype).unwrap()).unwrap();
-                let gamma =
-                    Var::from_tensor(&(rand(&[c], 2) + 1.0).unwrap().to_dtype(dtype).unwrap())
-                        .unwrap();
-                let beta = Var::from_tensor(&rand(&[c], 3).to_dtype(dtype).unwrap()).unwrap();
+                // Hashed values lie on a grid, where an element can equal its group's mean and
+                // sit exactly on the ReLU's kink; a small wave moves every element off the grid.
+                let shape = [b, c, h, w];
+                let x =
+                    (hashed(&shape, 1)?.affine(1.6, 0.2)? + (wave(&shape, 0.71, 0.1)? * 0.01)?)?;
+                let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let gamma = Var::from_tensor(
+                    &(hashed(&[c], 2)?.affine(1.6, 0.2)? + 1.0)?.to_dtype(dtype)?,
+                )?;
+                let beta = Var::from_tensor(&hashed(&[c], 3)?.affine(1.6, 0.2)?.to_dtype(dtype)?)?;
                 let aff = affine.then(|| (gamma.as_tensor(), beta.as_tensor()));
                 let (ours, reference) = if relu {
                     // x · [x > 0]: derivative 1 above zero and 0 at or below it.
-                    let r = composed(x.as_tensor(), g, aff, 1e-5).unwrap();
-                    let mask = r.gt(0.0).unwrap().to_dtype(dtype).unwrap();
-                    (
-                        group_norm_relu(x.as_tensor(), g, aff, 1e-5).unwrap(),
-                        (r * mask).unwrap(),
-                    )
+                    let r = composed(x.as_tensor(), g, aff, 1e-5)?;
+                    let mask = r.gt(0.0)?.to_dtype(dtype)?;
+                    (group_norm_relu(x.as_tensor(), g, aff, 1e-5)?, (r * mask)?)
                 } else {
                     (
-                        group_norm(x.as_tensor(), g, aff, 1e-5).unwrap(),
-                        composed(x.as_tensor(), g, aff, 1e-5).unwrap(),
+                        group_norm(x.as_tensor(), g, aff, 1e-5)?,
+                        composed(x.as_tensor(), g, aff, 1e-5)?,
                     )
                 };
                 let case = (b, c, h, w, g, affine, relu, dtype);
-                assert!(max_rel(&ours, &reference) < tol, "forward {case:?}");
-                let up = rand(&[b, c, h, w], 4).to_dtype(dtype).unwrap();
-                let go = (&ours * &up)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let gr = (&reference * &up)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                assert!(max_rel(&ours, &reference)? < tol, "forward {case:?}");
+                let up = hashed(&[b, c, h, w], 4)?
+                    .affine(1.6, 0.2)?
+                    .to_dtype(dtype)?;
+                let go = (&ours * &up)?.sum_all()?.backward()?;
+                let gr = (&reference * &up)?.sum_all()?.backward()?;
                 let mut vars = vec![("x", &x)];
                 if affine {
                     vars.extend([("gamma", &gamma), ("beta", &beta)]);
@@ -79,23 +63,24 @@ fn fused_matches_composed_forward_and_backward() {
                     );
                     // dx sums to zero per group, so compare against the gradient's own scale.
                     assert!(
-                        max_rel(a, r) < tol * 10.0,
+                        max_rel(a, r)? < tol * 10.0,
                         "{name} {case:?}: {}",
-                        max_rel(a, r)
+                        max_rel(a, r)?
                     );
                 }
             }
         }
     }
+    Ok(())
 }
 
 #[test]
-fn input_gradient_matches_finite_differences() {
+fn input_gradient_matches_finite_differences() -> mdeq_testkit::Result {
     let (b, c, h, w, g) = (2, 6, 3, 4, 3);
-    let x0 = rand(&[b, c, h, w], 7);
-    let gamma = (rand(&[c], 8) + 1.0).unwrap();
-    let beta = rand(&[c], 9);
-    let up = rand(&[b, c, h, w], 10);
+    let x0 = hashed(&[b, c, h, w], 7)?.affine(1.6, 0.2)?;
+    let gamma = (hashed(&[c], 8)?.affine(1.6, 0.2)? + 1.0)?;
+    let beta = hashed(&[c], 9)?.affine(1.6, 0.2)?;
+    let up = hashed(&[b, c, h, w], 10)?.affine(1.6, 0.2)?;
     let loss = |x: &Tensor| {
         (group_norm(x, g, Some((&gamma, &beta)), 1e-5).unwrap() * &up)
             .unwrap()
@@ -104,21 +89,16 @@ fn input_gradient_matches_finite_differences() {
             .to_scalar::<f64>()
             .unwrap()
     };
-    let xv = Var::from_tensor(&x0).unwrap();
-    let grad = (group_norm(xv.as_tensor(), g, Some((&gamma, &beta)), 1e-5).unwrap() * &up)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let xv = Var::from_tensor(&x0)?;
+    let grad = (group_norm(xv.as_tensor(), g, Some((&gamma, &beta)), 1e-5)? * &up)?
+        .sum_all()?
+        .backward()?;
     let grad = grad
         .get(xv.as_tensor())
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let flat = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let flat = x0.flatten_all()?.to_vec1::<f64>()?;
     for i in (0..flat.len()).step_by(5) {
         let at = |d: f64| {
             let mut v = flat.clone();
@@ -132,26 +112,20 @@ fn input_gradient_matches_finite_differences() {
             grad[i]
         );
     }
+    Ok(())
 }
 
 #[test]
-fn relu_and_fused_group_norm_relu_pass_nan_through() {
-    let x = Tensor::new(&[[[[1.0f32, f32::NAN], [-2.0, 0.5]]]], &Device::Cpu).unwrap();
-    let y: Vec<f32> = mdeq_kernels::relu(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+fn relu_and_fused_group_norm_relu_pass_nan_through() -> mdeq_testkit::Result {
+    let x = Tensor::new(&[[[[1.0f32, f32::NAN], [-2.0, 0.5]]]], &Device::Cpu)?;
+    let y: Vec<f32> = mdeq_kernels::relu(&x)?.flatten_all()?.to_vec1()?;
     assert_eq!(y[0], 1.0);
     assert!(y[1].is_nan(), "{y:?}");
     assert_eq!(y[2], 0.0);
     // A NaN in a group makes its statistics NaN, so the whole group comes out NaN, not zeros.
-    let n: Vec<f32> = group_norm_relu(&x, 1, None, 1e-5)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let n: Vec<f32> = group_norm_relu(&x, 1, None, 1e-5)?
+        .flatten_all()?
+        .to_vec1()?;
     assert!(n.iter().all(|v| v.is_nan()), "{n:?}");
+    Ok(())
 }

@@ -7,76 +7,22 @@ use candle_core::{DType, Device, Tensor, Var};
 use mdeq_deq::{FixedPointMap, GraphVjp};
 use mdeq_model::cell::solver_map::{CellMap, CellVjp};
 use mdeq_model::Mdeq;
-use mdeq_recipe::ExperimentConfig;
+use mdeq_testkit::{max_rel, tiny_classifier, wave_values};
 use rand::SeedableRng;
 
-const RECIPE: &str = r#"
-name = "cell-vjp"
-[model]
-task = "classification"
-num_channels = [4, 8, 8]
-expansion_factor = 2
-num_groups = 2
-downsample_times = 0
-dropout = 0.25
-post_gn_affine = POST_AFFINE
-num_layers = 3
-num_classes = 5
-image_size = [8, 8]
-in_channels = 1
-[model.classification_head]
-head_channels = [2, 4, 4]
-final_chansize = 8
-[deq]
-f_thres = 4
-b_thres = 4
-stop_mode = "rel"
-[train]
-optimizer = "adam"
-lr = 0.01
-epochs = 1
-batch_size = 3
-[data]
-dataset = "mnist"
-"#;
-
-fn wave(n: usize, a: f64, b: f64) -> Vec<f64> {
-    (0..n).map(|i| (a * i as f64 + b).sin()).collect()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    let (d, s) = (
-        diff.to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap(),
-        scale
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap(),
-    );
-    d / s.max(1e-30)
-}
-
-fn check(dtype: DType, autograd_tol: f64, post_affine: bool) {
-    let recipe = RECIPE.replace("POST_AFFINE", &post_affine.to_string());
-    let cfg = ExperimentConfig::from_toml_str(&recipe, "test").unwrap();
+fn check(dtype: DType, autograd_tol: f64, post_affine: bool) -> mdeq_testkit::Result {
+    let mut cfg = tiny_classifier(&[4, 8, 8]);
+    cfg.model.dropout = 0.25;
+    cfg.model.post_gn_affine = post_affine;
     let dev = Device::Cpu;
-    let model = Mdeq::new(&cfg.model, dtype, &dev, 11).unwrap();
+    let model = Mdeq::new(&cfg.model, dtype, &dev, 11)?;
     let batch = 3;
-    let image = Tensor::from_vec(wave(batch * 64, 0.37, 0.2), (batch, 1, 8, 8), &dev)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
-    let injection = model.injection(&image, false).unwrap();
-    let masks = model
-        .dropout_masks(batch, true, &mut rand::rngs::StdRng::seed_from_u64(3))
-        .unwrap();
+    let image = Tensor::from_vec(wave_values(batch * 64, 0.37, 0.2), (batch, 1, 8, 8), &dev)?
+        .to_dtype(dtype)?;
+    let injection = model.injection(&image, false)?;
+    let masks = model.dropout_masks(batch, true, &mut rand::rngs::StdRng::seed_from_u64(3))?;
     let layout = model.layout(8, 8);
-    let cell = model.cell().prepared(true).unwrap();
+    let cell = model.cell().prepared(true)?;
     let map = CellMap {
         cell: &cell,
         injection: &injection,
@@ -84,32 +30,28 @@ fn check(dtype: DType, autograd_tol: f64, post_affine: bool) {
         layout: &layout,
     };
     let d = layout.size();
-    let z = Tensor::from_vec(wave(batch * d, 0.71, 0.5), (batch, d), &dev)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
-    let y = Tensor::from_vec(wave(batch * d, 1.13, 0.1), (batch, d), &dev)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
+    let z =
+        Tensor::from_vec(wave_values(batch * d, 0.71, 0.5), (batch, d), &dev)?.to_dtype(dtype)?;
+    let y =
+        Tensor::from_vec(wave_values(batch * d, 1.13, 0.1), (batch, d), &dev)?.to_dtype(dtype)?;
 
-    let mut ours = CellVjp::record(&map, &z).unwrap();
-    let by_hand = ours.vjp(&y).unwrap();
+    let mut ours = CellVjp::record(&map, &z)?;
+    let by_hand = ours.vjp(&y)?;
 
-    let zv = Var::from_tensor(&z).unwrap();
-    let out = CellMap { ..map }.apply(zv.as_tensor()).unwrap();
-    let by_autograd = GraphVjp::new(zv, out).vjp(&y).unwrap();
-    let rel = max_rel(&by_hand, &by_autograd);
+    let zv = Var::from_tensor(&z)?;
+    let out = CellMap { ..map }.apply(zv.as_tensor())?;
+    let by_autograd = GraphVjp::new(zv, out).vjp(&y)?;
+    let rel = max_rel(&by_hand, &by_autograd)?;
     assert!(rel < autograd_tol, "{dtype:?}: hand VJP vs autograd {rel}");
 
     // The tape serves any number of products: a second one is linear in y.
-    let twice = ours.vjp(&(&y * 2.0).unwrap()).unwrap();
-    assert!(max_rel(&twice, &(&by_hand * 2.0).unwrap()) < autograd_tol);
+    let twice = ours.vjp(&(&y * 2.0)?)?;
+    assert!(max_rel(&twice, &(&by_hand * 2.0)?)? < autograd_tol);
     assert_eq!(ours.calls, 2);
 
     if dtype == DType::F64 {
         // y·J·v against central differences of y·f along v.
-        let v = Tensor::from_vec(wave(batch * d, 0.53, 0.9), (batch, d), &dev).unwrap();
+        let v = Tensor::from_vec(wave_values(batch * d, 0.53, 0.9), (batch, d), &dev)?;
         let h = 1e-6;
         let mut f = CellMap { ..map };
         let yf = |t: &Tensor| {
@@ -120,30 +62,28 @@ fn check(dtype: DType, autograd_tol: f64, post_affine: bool) {
                 .to_scalar::<f64>()
                 .unwrap()
         };
-        let plus = f.apply(&(&z + (&v * h).unwrap()).unwrap()).unwrap();
-        let minus = f.apply(&(&z - (&v * h).unwrap()).unwrap()).unwrap();
+        let plus = f.apply(&(&z + (&v * h)?)?)?;
+        let minus = f.apply(&(&z - (&v * h)?)?)?;
         let fd = (yf(&plus) - yf(&minus)) / (2.0 * h);
-        let analytic = (&by_hand * &v)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let analytic = (&by_hand * &v)?.sum_all()?.to_scalar::<f64>()?;
         assert!(
             (fd - analytic).abs() <= 1e-6 * analytic.abs().max(1.0),
             "y·J·v {analytic} vs central differences {fd}"
         );
     }
+    Ok(())
 }
 
 #[test]
-fn hand_vjp_matches_autograd_and_finite_differences_in_f64() {
-    check(DType::F64, 1e-12, false);
-    check(DType::F64, 1e-12, true);
+fn hand_vjp_matches_autograd_and_finite_differences_in_f64() -> mdeq_testkit::Result {
+    check(DType::F64, 1e-12, false)?;
+    check(DType::F64, 1e-12, true)?;
+    Ok(())
 }
 
 #[test]
-fn hand_vjp_matches_autograd_in_f32() {
-    check(DType::F32, 1e-5, false);
-    check(DType::F32, 1e-5, true);
+fn hand_vjp_matches_autograd_in_f32() -> mdeq_testkit::Result {
+    check(DType::F32, 1e-5, false)?;
+    check(DType::F32, 1e-5, true)?;
+    Ok(())
 }

@@ -6,64 +6,34 @@ use candle_core::{DType, Device, Tensor};
 use mdeq_deq::{Coupling, SampleStatus, SolverKind, SolverOptions, StopMode};
 use mdeq_model::cell::solver_map::CellMap;
 use mdeq_model::Mdeq;
-use mdeq_recipe::ExperimentConfig;
+use mdeq_testkit::tiny_classifier;
 use rand::SeedableRng;
 
-const RECIPE: &str = r#"
-name = "compaction"
-[model]
-task = "classification"
-num_channels = [4, 8]
-expansion_factor = 2
-num_groups = 2
-downsample_times = 0
-dropout = 0.3
-num_layers = 3
-num_classes = 5
-image_size = [8, 8]
-in_channels = 1
-[model.classification_head]
-head_channels = [2, 4]
-final_chansize = 8
-[deq]
-f_thres = 40
-b_thres = 4
-stop_mode = "rel"
-pretrain_steps = 0
-[train]
-optimizer = "adam"
-lr = 0.01
-epochs = 1
-batch_size = 6
-[data]
-dataset = "mnist"
-"#;
-
 #[test]
-fn compacted_solves_match_whole_batch_solves_sample_for_sample() {
-    let cfg = ExperimentConfig::from_toml_str(RECIPE, "test").unwrap();
+fn compacted_solves_match_whole_batch_solves_sample_for_sample() -> mdeq_testkit::Result {
+    let mut cfg = tiny_classifier(&[4, 8]);
+    cfg.model.dropout = 0.3;
+    cfg.model.post_gn_affine = true;
     let dev = Device::Cpu;
-    let model = Mdeq::new(&cfg.model, DType::F64, &dev, 5).unwrap();
+    let model = Mdeq::new(&cfg.model, DType::F64, &dev, 5)?;
     let batch = 6;
     // Images of very different contrast converge after different numbers of steps.
     let pixels: Vec<f64> = (0..batch * 64)
         .map(|i| ((i * 29 % 17) as f64 - 8.0) / 6.0 * (1 + i / 64) as f64 * 0.5)
         .collect();
-    let image = Tensor::from_vec(pixels, (batch, 1, 8, 8), &dev).unwrap();
-    let injection = model.injection(&image, false).unwrap();
-    let masks = model
-        .dropout_masks(batch, true, &mut rand::rngs::StdRng::seed_from_u64(1))
-        .unwrap();
+    let image = Tensor::from_vec(pixels, (batch, 1, 8, 8), &dev)?;
+    let injection = model.injection(&image, false)?;
+    let masks = model.dropout_masks(batch, true, &mut rand::rngs::StdRng::seed_from_u64(1))?;
     assert!(masks.iter().all(Option::is_some));
     let layout = model.layout(8, 8);
-    let cell = model.cell().prepared(true).unwrap();
+    let cell = model.cell().prepared(true)?;
     let map = CellMap {
         cell: &cell,
         injection: &injection,
         masks: &masks,
         layout: &layout,
     };
-    let z0 = Tensor::zeros((batch, layout.size()), DType::F64, &dev).unwrap();
+    let z0 = Tensor::zeros((batch, layout.size()), DType::F64, &dev)?;
     let opts = SolverOptions {
         threshold: 40,
         // A randomly initialised cell is far from contractive: with this tolerance some samples
@@ -76,14 +46,12 @@ fn compacted_solves_match_whole_batch_solves_sample_for_sample() {
     for name in ["broyden", "anderson"] {
         let kind = SolverKind::from_name(name).unwrap();
         let mut compacting = CellMap { ..map };
-        let compacted = kind.solve(&mut compacting, &z0, &opts).unwrap();
+        let compacted = kind.solve(&mut compacting, &z0, &opts)?;
         let whole_batch = SolverOptions {
             compact_batch: false,
             ..opts
         };
-        let full = kind
-            .solve(&mut CellMap { ..map }, &z0, &whole_batch)
-            .unwrap();
+        let full = kind.solve(&mut CellMap { ..map }, &z0, &whole_batch)?;
         let (c, f) = (&compacted.stats, &full.stats);
         assert!(
             f.status.contains(&SampleStatus::Converged)
@@ -100,14 +68,11 @@ fn compacted_solves_match_whole_batch_solves_sample_for_sample() {
             c.sample_evaluations,
             f.sample_evaluations
         );
-        let diff = (&compacted.z - &full.z)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = (&compacted.z - &full.z)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
         assert!(diff < 1e-12, "{name}: z* differs by {diff}");
     }
+    Ok(())
 }

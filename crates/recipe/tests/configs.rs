@@ -4,6 +4,7 @@ use candle_core::{DType, Device};
 use mdeq_model::Mdeq;
 use mdeq_recipe::presets::{preset_or_error, PRESETS};
 use mdeq_recipe::ExperimentConfig;
+use mdeq_testkit::{fixture, fixture_str};
 
 /// Trainable parameters of every official config (reference §1.8, computed from the module structure).
 const COUNTS: &[(&str, usize, usize)] = &[
@@ -21,11 +22,11 @@ const COUNTS: &[(&str, usize, usize)] = &[
 ];
 
 #[test]
-fn every_preset_has_the_official_parameter_count() {
+fn every_preset_has_the_official_parameter_count() -> mdeq_testkit::Result {
     assert_eq!(COUNTS.len(), PRESETS.len());
     for &(name, total, in_cell) in COUNTS {
-        let cfg = preset_or_error(name).unwrap();
-        let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0).unwrap();
+        let cfg = preset_or_error(name)?;
+        let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
         let cell: usize = model
             .store()
             .parameters()
@@ -38,29 +39,32 @@ fn every_preset_has_the_official_parameter_count() {
             "{name}"
         );
     }
+    Ok(())
 }
 
 #[test]
-fn state_sizes_match_the_spec() {
+fn state_sizes_match_the_spec() -> mdeq_testkit::Result {
     let d = |n: &str, h: usize, w: usize| preset_or_error(n).unwrap().model.state_size(h, w);
     assert_eq!(d("cifar-tiny", 32, 32), 30_720);
     assert_eq!(d("cifar-large", 32, 32), 61_440);
     assert_eq!(d("imagenet-small", 224, 224), 188_160);
     assert_eq!(d("cityscapes-small", 512, 1024), 1_966_080);
     assert_eq!(d("cityscapes-small", 1024, 2048), 7_864_320);
+    Ok(())
 }
 
 #[test]
-fn presets_round_trip_through_toml() {
+fn presets_round_trip_through_toml() -> mdeq_testkit::Result {
     for (name, _) in PRESETS {
-        let cfg = preset_or_error(name).unwrap();
-        let again = ExperimentConfig::from_toml_str(&cfg.to_toml_string(), name).unwrap();
+        let cfg = preset_or_error(name)?;
+        let again = ExperimentConfig::from_toml_str(&cfg.to_toml_string(), name)?;
         assert_eq!(cfg, again, "{name}");
     }
+    Ok(())
 }
 
 #[test]
-fn unknown_toml_keys_are_errors_that_name_the_key() {
+fn unknown_toml_keys_are_errors_that_name_the_key() -> mdeq_testkit::Result {
     let text = PRESETS[0].1.replace(
         "expansion_factor = 5",
         "expansion_factor = 5\nexpansion_factr = 4",
@@ -69,10 +73,11 @@ fn unknown_toml_keys_are_errors_that_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("expansion_factr"), "{err}");
+    Ok(())
 }
 
 #[test]
-fn inconsistent_configs_are_rejected_with_the_field_named() {
+fn inconsistent_configs_are_rejected_with_the_field_named() -> mdeq_testkit::Result {
     let text = PRESETS[0]
         .1
         .replace("head_channels = [8, 16]", "head_channels = [8]");
@@ -87,26 +92,26 @@ fn inconsistent_configs_are_rejected_with_the_field_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("num_channels[1]"), "{err}");
+    Ok(())
 }
 
 #[test]
-fn unknown_preset_lists_the_known_ones() {
+fn unknown_preset_lists_the_known_ones() -> mdeq_testkit::Result {
     let err = preset_or_error("cifar-huge").unwrap_err().to_string();
     assert!(
         err.contains("cifar-tiny") && err.contains("cityscapes-xl"),
         "{err}"
     );
+    Ok(())
 }
 
 #[test]
-fn official_yaml_fixtures_read_as_their_meta_says() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
+fn official_yaml_fixtures_read_as_their_meta_says() -> mdeq_testkit::Result {
     for name in ["cls-tiny", "seg-tiny"] {
-        let cfg = ExperimentConfig::load(&format!("{root}/{name}/config.yaml")).unwrap();
-        let meta: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(format!("{root}/{name}/meta.json")).unwrap(),
-        )
-        .unwrap();
+        let cfg = ExperimentConfig::load(&fixture_str(&format!("{name}/config.yaml")))?;
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(
+            &format!("{name}/meta.json"),
+        ))?)?;
         let m = &meta["config"];
         let usizes = |k: &str| {
             m[k].as_array()
@@ -143,10 +148,11 @@ fn official_yaml_fixtures_read_as_their_meta_says() {
             m["stop_mode"].as_str().unwrap()
         );
     }
+    Ok(())
 }
 
 #[test]
-fn yaml_type_errors_name_the_key() {
+fn yaml_type_errors_name_the_key() -> mdeq_testkit::Result {
     let err =
         mdeq_recipe::official_yaml::from_yaml_str("MODEL:\n  NUM_GROUPS: eight\n", "bad.yaml")
             .unwrap_err()
@@ -155,4 +161,5 @@ fn yaml_type_errors_name_the_key() {
         err.contains("MODEL.NUM_GROUPS") && err.contains("bad.yaml"),
         "{err}"
     );
+    Ok(())
 }

@@ -134,25 +134,26 @@ mod tests {
     use mdeq_recipe::{OptimizerKind, TrainConfig};
 
     #[test]
-    fn optimizer_state_holds_no_recorded_graph() {
-        let p = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+    fn optimizer_state_holds_no_recorded_graph() -> mdeq_testkit::Result {
+        let p = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
         for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
             let text = format!(
                 "optimizer = \"{}\"\nlr = 0.1\nweight_decay = 0.01\nmomentum = 0.9\nepochs = 1\nbatch_size = 1\n",
                 if kind == OptimizerKind::Adam { "adam" } else { "sgd" }
             );
-            let cfg: TrainConfig = toml::from_str(&text).unwrap();
+            let cfg: TrainConfig = toml::from_str(&text)?;
             let mut opt = Optimizer::new(&cfg, 1);
             for _ in 0..3 {
                 // A gradient that, like candle's, is itself a product with the parameter.
-                let g = (p.as_tensor() * 2.0).unwrap();
+                let g = (p.as_tensor() * 2.0)?;
                 assert!(g.track_op());
-                opt.step(std::slice::from_ref(&p), &[Some(g)], 0.1).unwrap();
+                opt.step(std::slice::from_ref(&p), &[Some(g)], 0.1)?;
             }
             for (name, t) in opt.state() {
                 assert!(!t.track_op(), "{kind:?} {name} keeps a graph");
             }
-            assert!(!Tensor::new(&[0f32], &Device::Cpu).unwrap().track_op());
+            assert!(!Tensor::new(&[0f32], &Device::Cpu)?.track_op());
         }
+        Ok(())
     }
 }

@@ -25,16 +25,18 @@ mod tests {
     use super::{cosine, poly};
 
     #[test]
-    fn cosine_starts_at_lr_and_ends_at_eta_min() {
+    fn cosine_starts_at_lr_and_ends_at_eta_min() -> mdeq_testkit::Result {
         assert_eq!(cosine(1e-3, 0, 100), 1e-3);
         assert!((cosine(1e-3, 100, 100) - 1e-6).abs() < 1e-15);
         assert!((cosine(1e-3, 50, 100) - (1e-6 + (1e-3 - 1e-6) / 2.0)).abs() < 1e-15);
+        Ok(())
     }
 
     #[test]
-    fn poly_decays_from_lr_to_zero() {
+    fn poly_decays_from_lr_to_zero() -> mdeq_testkit::Result {
         assert_eq!(poly(0.01, 0, 100), 0.01);
         assert_eq!(poly(0.01, 100, 100), 0.0);
         assert!((poly(0.01, 50, 100) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
+        Ok(())
     }
 }

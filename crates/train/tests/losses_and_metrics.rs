@@ -7,15 +7,15 @@ use mdeq_train::metrics::ConfusionMatrix;
 use mdeq_train::tensorboard::EventWriter;
 
 #[test]
-fn segmentation_loss_is_the_weighted_mean_over_labelled_pixels() {
+fn segmentation_loss_is_the_weighted_mean_over_labelled_pixels() -> mdeq_testkit::Result {
     // B = 2, K = 3, 2×2 pixels (no resizing: logits already at label size).
     let logits: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.0).collect();
     let labels: Vec<i64> = vec![0, 2, 255, 1, 1, 1, 0, 255];
     let weights = [0.5f64, 2.0, 1.5];
     let dev = Device::Cpu;
-    let t_logits = Tensor::from_vec(logits.clone(), (2, 3, 2, 2), &dev).unwrap();
-    let t_labels = Tensor::from_vec(labels.clone(), (2, 2, 2), &dev).unwrap();
-    let t_weights = Tensor::new(&[0.5f32, 2.0, 1.5], &dev).unwrap();
+    let t_logits = Tensor::from_vec(logits.clone(), (2, 3, 2, 2), &dev)?;
+    let t_labels = Tensor::from_vec(labels.clone(), (2, 2, 2), &dev)?;
+    let t_weights = Tensor::new(&[0.5f32, 2.0, 1.5], &dev)?;
     let (mut num, mut den) = (0f64, 0f64);
     for b in 0..2 {
         for p in 0..4 {
@@ -30,25 +30,23 @@ fn segmentation_loss_is_the_weighted_mean_over_labelled_pixels() {
             den += w;
         }
     }
-    let got = segmentation_loss(&t_logits, &t_labels, Some(&t_weights))
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let got = segmentation_loss(&t_logits, &t_labels, Some(&t_weights))?.to_scalar::<f32>()? as f64;
     assert!((got - num / den).abs() < 1e-6, "{got} vs {}", num / den);
-    let all_ignored = Tensor::full(255i64, (2, 2, 2), &dev).unwrap();
-    let zero = segmentation_loss(&t_logits, &all_ignored, None).unwrap();
-    assert_eq!(zero.to_scalar::<f32>().unwrap(), 0.0);
+    let all_ignored = Tensor::full(255i64, (2, 2, 2), &dev)?;
+    let zero = segmentation_loss(&t_logits, &all_ignored, None)?;
+    assert_eq!(zero.to_scalar::<f32>()?, 0.0);
+    Ok(())
 }
 
 #[test]
-fn confusion_matrix_iou_by_hand() {
+fn confusion_matrix_iou_by_hand() -> mdeq_testkit::Result {
     let dev = Device::Cpu;
     // truth:     0 0 1 1 2 255
     // predicted: 0 1 1 1 0 2
-    let truth = Tensor::new(&[0i64, 0, 1, 1, 2, 255], &dev).unwrap();
-    let pred = Tensor::new(&[0u32, 1, 1, 1, 0, 2], &dev).unwrap();
+    let truth = Tensor::new(&[0i64, 0, 1, 1, 2, 255], &dev)?;
+    let pred = Tensor::new(&[0u32, 1, 1, 1, 0, 2], &dev)?;
     let mut m = ConfusionMatrix::new(3);
-    m.add(&truth, &pred).unwrap();
+    m.add(&truth, &pred)?;
     assert_eq!(m.total(), 5, "the ignored pixel is not counted");
     // class 0: TP 1, FN 1, FP 1 → 1/3; class 1: TP 2, FP 1 → 2/3; class 2: TP 0 → 0.
     let iou = m.iou();
@@ -60,11 +58,12 @@ fn confusion_matrix_iou_by_hand() {
     assert!((m.mean_iou_present() - 1.0 / 3.0).abs() < 1e-12);
     // …and a class that never occurs is left out of it.
     let mut wide = ConfusionMatrix::new(5);
-    wide.add(&truth, &pred).unwrap();
+    wide.add(&truth, &pred)?;
     assert!((wide.mean_iou_present() - 1.0 / 3.0).abs() < 1e-12);
     assert!((wide.mean_iou() - 1.0 / 5.0).abs() < 1e-12);
-    let bad = Tensor::new(&[7i64], &dev).unwrap();
-    assert!(m.add(&bad, &Tensor::new(&[0u32], &dev).unwrap()).is_err());
+    let bad = Tensor::new(&[7i64], &dev)?;
+    assert!(m.add(&bad, &Tensor::new(&[0u32], &dev)?).is_err());
+    Ok(())
 }
 
 fn read_varint(b: &[u8], at: &mut usize) -> u64 {
@@ -110,14 +109,14 @@ fn fields(b: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
 }
 
 #[test]
-fn tensorboard_events_decode_to_the_logged_scalars() {
+fn tensorboard_events_decode_to_the_logged_scalars() -> mdeq_testkit::Result {
     let dir = std::env::temp_dir().join(format!("mdeq-tb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut w = EventWriter::create(&dir).unwrap();
-    w.scalar("train/loss", 7, 0.25).unwrap();
-    w.scalar("eval/top1", 300, 0.875).unwrap();
-    w.flush().unwrap();
-    let bytes = std::fs::read(w.path()).unwrap();
+    std::fs::create_dir_all(&dir)?;
+    let mut w = EventWriter::create(&dir)?;
+    w.scalar("train/loss", 7, 0.25)?;
+    w.scalar("eval/top1", 300, 0.875)?;
+    w.flush()?;
+    let bytes = std::fs::read(w.path())?;
     // The TFRecord masked CRC-32C, computed here from the Castagnoli polynomial bit by bit.
     let crc32c = |data: &[u8]| {
         let mut crc = !0u32;
@@ -138,11 +137,11 @@ fn tensorboard_events_decode_to_the_logged_scalars() {
     let mut events = Vec::new();
     while at < bytes.len() {
         let len_bytes = &bytes[at..at + 8];
-        let n = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
-        let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+        let n = u64::from_le_bytes(len_bytes.try_into()?) as usize;
+        let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into()?);
         assert_eq!(len_crc, crc32c(len_bytes));
         let data = &bytes[at + 12..at + 12 + n];
-        let data_crc = u32::from_le_bytes(bytes[at + 12 + n..at + 16 + n].try_into().unwrap());
+        let data_crc = u32::from_le_bytes(bytes[at + 12 + n..at + 16 + n].try_into()?);
         assert_eq!(data_crc, crc32c(data));
         events.push(fields(data));
         at += 16 + n;
@@ -163,5 +162,6 @@ fn tensorboard_events_decode_to_the_logged_scalars() {
     };
     assert_eq!(scalar(&events[1]), (7, "train/loss".to_string(), 0.25));
     assert_eq!(scalar(&events[2]), (300, "eval/top1".to_string(), 0.875));
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }

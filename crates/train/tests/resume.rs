@@ -1,67 +1,22 @@
 //! Training end to end on a small synthetic IDX dataset: both phases run, checkpoints are
 //! written, and a run interrupted and resumed ends bit-for-bit where an uninterrupted one does.
 
-use mdeq_data::Split;
 use mdeq_recipe::ExperimentConfig;
+use mdeq_testkit::{tiny_classifier, write_toy_idx};
 use mdeq_train::step::{jacobian_penalty, jittered_threshold};
 use mdeq_train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
 
-/// 24 images of 8×8: class k is a bright k-th row on noise.
-fn dataset(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let n = 24;
-    let mut px = Vec::new();
-    let mut labels = Vec::new();
-    for i in 0..n {
-        let k = i % 4;
-        for p in 0..64 {
-            px.push(if p / 8 == k * 2 {
-                250
-            } else {
-                ((i * 37 + p * 11) % 60) as u8
-            });
-        }
-        labels.push(k as u8);
-    }
-    for split in [Split::Train, Split::Test] {
-        mdeq_data::idx::write_split(dir, split, (8, 8), &px, &labels).unwrap();
-    }
-}
-
+/// The tiny classifier as a ten-class, two-epoch recipe that pretrains for three steps.
 fn config() -> ExperimentConfig {
-    let text = r#"
-name = "tiny-test"
-[model]
-task = "classification"
-num_channels = [4, 4]
-expansion_factor = 2
-num_groups = 2
-downsample_times = 0
-dropout = 0.1
-post_gn_affine = false
-num_layers = 2
-num_classes = 10
-image_size = [8, 8]
-in_channels = 1
-[model.classification_head]
-head_channels = [2, 2]
-final_chansize = 8
-[deq]
-f_thres = 4
-b_thres = 4
-stop_mode = "rel"
-pretrain_steps = 3
-[train]
-optimizer = "adam"
-lr = 0.01
-weight_decay = 1e-4
-epochs = 2
-batch_size = 4
-[data]
-dataset = "mnist"
-"#;
-    ExperimentConfig::from_toml_str(text, "test").unwrap()
+    let mut cfg = tiny_classifier(&[4, 4]);
+    cfg.model.dropout = 0.1;
+    cfg.model.num_layers = 2;
+    cfg.model.num_classes = 10;
+    cfg.deq.pretrain_steps = 3;
+    cfg.train.weight_decay = 1e-4;
+    cfg.train.epochs = 2;
+    cfg
 }
 
 fn opts(data: &Path, out: PathBuf, max_steps: usize, resume: bool) -> TrainOptions {
@@ -90,16 +45,16 @@ fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
 }
 
 #[test]
-fn interrupted_and_resumed_training_matches_an_uninterrupted_run() {
+fn interrupted_and_resumed_training_matches_an_uninterrupted_run() -> mdeq_testkit::Result {
     let root = std::env::temp_dir().join(format!("mdeq-train-{}", std::process::id()));
     let data = root.join("data");
-    dataset(&data);
+    write_toy_idx(&data, 24)?;
     let cfg = config();
-    let straight = train(&cfg, &opts(&data, root.join("a"), 8, false)).unwrap();
+    let straight = train(&cfg, &opts(&data, root.join("a"), 8, false))?;
     assert_eq!(straight.steps, 8);
-    let first = train(&cfg, &opts(&data, root.join("b"), 5, false)).unwrap();
+    let first = train(&cfg, &opts(&data, root.join("b"), 5, false))?;
     assert_eq!(first.steps, 5);
-    let resumed = train(&cfg, &opts(&data, root.join("b"), 8, true)).unwrap();
+    let resumed = train(&cfg, &opts(&data, root.join("b"), 8, true))?;
     assert_eq!(resumed.steps, 8);
     assert_eq!(
         straight.last_loss.to_bits(),
@@ -115,18 +70,16 @@ fn interrupted_and_resumed_training_matches_an_uninterrupted_run() {
         &root.join("a/checkpoint-best.safetensors"),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    )?;
     assert_eq!(cfg2, cfg);
     // Both phases ran and were logged, with solver statistics in DEQ mode.
-    let log = std::fs::read_to_string(root.join("a/metrics.jsonl")).unwrap();
+    let log = std::fs::read_to_string(root.join("a/metrics.jsonl"))?;
     assert!(log.contains("\"phase\":\"unrolled\"") && log.contains("\"phase\":\"deq\""));
     assert!(log.lines().any(|l| l.contains("\"phase\":\"deq\"")
         && l.contains("\"forward_steps\":")
         && !l.contains("\"forward_steps\":null")));
     // TensorBoard events and the PNG plots (a font is installed by .ci/run).
-    let names: Vec<String> = std::fs::read_dir(root.join("a"))
-        .unwrap()
+    let names: Vec<String> = std::fs::read_dir(root.join("a"))?
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
@@ -134,14 +87,15 @@ fn interrupted_and_resumed_training_matches_an_uninterrupted_run() {
         "{names:?}"
     );
     for png in ["loss.png", "score.png", "residuals.png"] {
-        let bytes = std::fs::read(root.join("a").join(png)).unwrap();
+        let bytes = std::fs::read(root.join("a").join(png))?;
         assert!(bytes.starts_with(b"\x89PNG"), "{png}");
     }
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 #[test]
-fn missing_data_is_an_error_naming_the_path() {
+fn missing_data_is_an_error_naming_the_path() -> mdeq_testkit::Result {
     let err = train(
         &config(),
         &opts(
@@ -153,10 +107,11 @@ fn missing_data_is_an_error_naming_the_path() {
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("/nonexistent/mdeq"), "{err:#}");
+    Ok(())
 }
 
 #[test]
-fn jacobian_loss_follows_the_official_schedule_and_is_logged() {
+fn jacobian_loss_follows_the_official_schedule_and_is_logged() -> mdeq_testkit::Result {
     let mut cfg = config();
     cfg.train.pretrain_jac_loss_weight = 0.2;
     cfg.train.jac_loss_weight = 0.5;
@@ -181,9 +136,9 @@ fn jacobian_loss_follows_the_official_schedule_and_is_logged() {
 
     let root = std::env::temp_dir().join(format!("mdeq-jac-{}", std::process::id()));
     let data = root.join("data");
-    dataset(&data);
-    train(&cfg, &opts(&data, root.join("run"), 5, false)).unwrap();
-    let log = std::fs::read_to_string(root.join("run/metrics.jsonl")).unwrap();
+    write_toy_idx(&data, 24)?;
+    train(&cfg, &opts(&data, root.join("run"), 5, false))?;
+    let log = std::fs::read_to_string(root.join("run/metrics.jsonl"))?;
     let penalties: Vec<f64> = log
         .lines()
         .filter(|l| l.contains("\"kind\":\"step\""))
@@ -197,7 +152,8 @@ fn jacobian_loss_follows_the_official_schedule_and_is_logged() {
         penalties.iter().all(|p| p.is_finite() && *p > 0.0),
         "{penalties:?}"
     );
-    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root)?;
+    Ok(())
 }
 
 #[test]
@@ -232,7 +188,7 @@ fn forward_threshold_is_jittered_on_jacobian_loss_steps_as_the_official_code_doe
     cfg.train.jac_loss_freq = 1.0;
     let root = std::env::temp_dir().join(format!("mdeq-jitter-{}", std::process::id()));
     let data = root.join("data");
-    dataset(&data);
+    write_toy_idx(&data, 24)?;
     train(&cfg, &opts(&data, root.join("run"), 6, false))?;
     let log = std::fs::read_to_string(root.join("run/metrics.jsonl"))?;
     let mut steps = Vec::new();

@@ -168,11 +168,11 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn moves_each_element_by_at_most_one_ulp_and_moves_some() {
+    fn moves_each_element_by_at_most_one_ulp_and_moves_some() -> mdeq_testkit::Result {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let x = Tensor::new(&[1.0f32, -2.5, 0.0, 1e-30, 3.0e5, 7.0], &Device::Cpu).unwrap();
-        let y = perturb_by_one_ulp(&x, &mut rng).unwrap();
-        let (x, y): (Vec<f32>, Vec<f32>) = (x.to_vec1().unwrap(), y.to_vec1().unwrap());
+        let x = Tensor::new(&[1.0f32, -2.5, 0.0, 1e-30, 3.0e5, 7.0], &Device::Cpu)?;
+        let y = perturb_by_one_ulp(&x, &mut rng)?;
+        let (x, y): (Vec<f32>, Vec<f32>) = (x.to_vec1()?, y.to_vec1()?);
         let mut moved = 0;
         for (a, b) in x.iter().zip(&y) {
             assert!(
@@ -182,11 +182,12 @@ mod tests {
             moved += usize::from(a != b);
         }
         assert!(moved > 0, "{x:?} -> {y:?}");
-        let z = Tensor::new(&[1.0f64, -1.0], &Device::Cpu).unwrap();
-        let w: Vec<f64> = perturb_by_one_ulp(&z, &mut rng).unwrap().to_vec1().unwrap();
+        let z = Tensor::new(&[1.0f64, -1.0], &Device::Cpu)?;
+        let w: Vec<f64> = perturb_by_one_ulp(&z, &mut rng)?.to_vec1()?;
         assert!((w[0] - 1.0).abs() <= f64::EPSILON && (w[1] + 1.0).abs() <= f64::EPSILON);
-        let bad = Tensor::new(&[1u8], &Device::Cpu).unwrap();
+        let bad = Tensor::new(&[1u8], &Device::Cpu)?;
         let err = perturb_by_one_ulp(&bad, &mut rng).unwrap_err().to_string();
         assert!(err.contains("U8"), "{err}");
+        Ok(())
     }
 }
