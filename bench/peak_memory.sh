@@ -3,7 +3,7 @@
 # Trains the Fashion-MNIST recipe straight in DEQ mode (no pretraining) for a few steps, once per
 # F_THRES = B_THRES value, each in its own process, and prints the peak RSS that GNU time reports.
 # Usage: bench/peak_memory.sh [steps] [thresholds...]   (defaults: 6 steps; 10 40)
-# MAX_PAIRS=N caps Broyden's history at N update pairs (deq.max_history_pairs).
+# MAX_PAIRS=N caps Broyden's history at N update pairs (f_solver/b_solver = { kind = "broyden", max_pairs = N }).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-6}
@@ -17,7 +17,7 @@ printf '%-8s %-14s %s\n' thres peak_rss_MiB seconds
 for t in "${thresholds[@]}"; do
   sed -e "s/^f_thres = .*/f_thres = $t/" -e "s/^b_thres = .*/b_thres = $t/" \
       -e "s/^pretrain_steps = .*/pretrain_steps = 0/" -e 's/^eps = .*/eps = 1e-12/' \
-      -e "s/^\[deq\]/[deq]\n${MAX_PAIRS:+max_history_pairs = $MAX_PAIRS}/" \
+      ${MAX_PAIRS:+-e "s/^\([fb]_solver\) = .*/\1 = { kind = \"broyden\", max_pairs = $MAX_PAIRS }/"} \
       configs/fashion-mnist-tiny.toml > "$tmp/recipe.toml"
   start=$(date +%s.%N)
   /usr/bin/time -f '%M' -o "$tmp/rss" ./target/release/mdeq train --config "$tmp/recipe.toml" \
