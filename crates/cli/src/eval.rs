@@ -10,21 +10,57 @@ use mdeq_train::evaluate::{evaluate, EvalMode, EvalResult};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-/// What `mdeq eval` was asked.
-#[derive(Debug, Clone)]
-pub struct EvalRequest {
-    /// The checkpoint (its embedded recipe decides dataset and solver).
+/// Flags of `mdeq eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// An mdeq checkpoint (its embedded recipe decides dataset and solver).
+    #[arg(long)]
     pub checkpoint: PathBuf,
     /// Dataset directory (default: the recipe's data.root).
+    #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Forward thresholds (empty: the recipe's).
+    /// Forward solver step limits to evaluate at (default: the recipe's F_THRES); several give
+    /// the accuracy-against-compute curve.
+    #[arg(long, value_delimiter = ',')]
     pub f_thres: Vec<usize>,
     /// Batch size.
+    #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    /// At most this many images.
+    /// Evaluate at most N images.
+    #[arg(long)]
     pub limit: Option<usize>,
-    /// Where the accuracy-against-compute PNG goes (several thresholds only).
+    /// PNG of the accuracy-against-compute curve (default with several --f-thres:
+    /// accuracy_vs_compute.png beside the checkpoint).
+    #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Evaluates, draws the curve where there is one, and prints the table or the JSON report.
+pub fn run(args: Args) -> Result<()> {
+    let plot = args.plot.clone().or_else(|| {
+        (args.f_thres.len() > 1).then(|| {
+            args.checkpoint
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("accuracy_vs_compute.png")
+        })
+    });
+    let (points, names) = evaluate_checkpoint(&args)?;
+    if let Some(path) = &plot {
+        match self::plot(&points, path) {
+            Ok(()) => eprintln!("wrote {}", path.display()),
+            Err(e) => eprintln!("warning: no plot: {e:#}"),
+        }
+    }
+    if args.json {
+        println!("{}", json_report(&points));
+    } else {
+        print!("{}", report(&points, &names));
+    }
+    Ok(())
 }
 
 /// One threshold's scores.
@@ -37,7 +73,7 @@ pub struct EvalPoint {
 }
 
 /// Runs the evaluation; returns one point per threshold and the class names.
-pub fn run(req: &EvalRequest) -> Result<(Vec<EvalPoint>, Vec<String>)> {
+pub fn evaluate_checkpoint(req: &Args) -> Result<(Vec<EvalPoint>, Vec<String>)> {
     let (cfg, model) = format::load(&req.checkpoint, DType::F32, &Device::Cpu)?;
     let data = req
         .data

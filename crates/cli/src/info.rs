@@ -1,8 +1,32 @@
 //! `mdeq info`: architecture summary, parameter counts and solver state size.
 
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use mdeq_checkpoint::format;
 use mdeq_model::{Mdeq, Task};
 use mdeq_recipe::ExperimentConfig;
 use std::fmt::Write;
+
+/// Flags of `mdeq info`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A TOML config, an official YAML, a preset name (e.g. cifar-tiny) or an mdeq checkpoint.
+    pub target: String,
+}
+
+/// Prints the summary of `args.target`.
+pub fn run(args: Args) -> Result<()> {
+    let target = &args.target;
+    let cfg = if target.ends_with(".safetensors") && std::path::Path::new(target).exists() {
+        let bytes = std::fs::read(target).with_context(|| format!("reading {target}"))?;
+        format::read_config(&bytes, target)?
+    } else {
+        ExperimentConfig::load(target)?
+    };
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+    print!("{}", summary(&cfg, &model));
+    Ok(())
+}
 
 /// Parameter counts of a built model.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,11 @@
-//! The `mdeq` command-line tool's commands, as a library so tests can drive them.
+//! The `mdeq` command-line tool's commands, one module each (its flags and its `run`), as a
+//! library so tests can drive them.
 
 pub mod bench;
 pub mod eval;
+pub mod import;
 pub mod info;
 pub mod parity;
 pub mod predict;
+pub mod presets;
+pub mod train;

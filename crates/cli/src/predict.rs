@@ -29,8 +29,50 @@ pub struct Prediction {
     pub residual: f64,
 }
 
+/// Flags of `mdeq predict`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// An mdeq checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// How many classes to list.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Directory for segmentation PNGs.
+    #[arg(long, default_value = "predictions")]
+    pub out: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Image files (PNG or JPEG).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// Predicts and prints every image.
+pub fn run(args: Args) -> Result<()> {
+    let preds = predict_images(&args.checkpoint, &args.images, args.top_k, &args.out)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "predictions": preds }));
+        return Ok(());
+    }
+    for p in &preds {
+        println!(
+            "{} ({} solver steps, residual {:.1e})",
+            p.image, p.solver_steps, p.residual
+        );
+        for (c, name, prob) in &p.top {
+            println!("  {:>6.2}%  {name} ({c})", 100.0 * prob);
+        }
+        for w in &p.written {
+            println!("  wrote {w}");
+        }
+    }
+    Ok(())
+}
+
 /// Predicts every image in `images` with the checkpoint; segmentation PNGs go to `out`.
-pub fn run(
+pub fn predict_images(
     checkpoint: &Path,
     images: &[PathBuf],
     top_k: usize,

@@ -1,7 +1,7 @@
 //! `mdeq parity` on every fixture under fixtures/, for every weights format.
 
 use candle_core::{DType, Device, Tensor};
-use mdeq::parity::{run, Centre, ParityOptions, Report, Row, Status};
+use mdeq::parity::{check, Centre, ParityOptions, Report, Row, Status};
 use mdeq_model::Mdeq;
 use mdeq_recipe::ExperimentConfig;
 use mdeq_testkit::{fixture, fixture_str};
@@ -14,7 +14,7 @@ fn parity(name: &str, weights: &str, dtype: DType) -> Report {
         dtype,
         ..ParityOptions::default()
     };
-    run(
+    check(
         &cfg,
         &format!("{dir}/{weights}"),
         &format!("{dir}/io_f64.safetensors"),
@@ -210,7 +210,7 @@ fn unreadable_meta_json_is_an_error_naming_it() -> mdeq_testkit::Result {
     std::fs::copy(format!("{src}/io.safetensors"), dir.join("io.safetensors"))?;
     std::fs::write(dir.join("meta.json"), "{ \"config\": ")?;
     let cfg = ExperimentConfig::load(&format!("{src}/config.yaml"))?;
-    let err = run(
+    let err = check(
         &cfg,
         &format!("{src}/weights.safetensors"),
         dir.join("io.safetensors").to_str().unwrap(),

@@ -56,8 +56,13 @@ pub fn conv2d_input_grad(
         let dx = dy.conv_transpose2d(&w.detach(), padding, eh.max(ew), stride, 1)?;
         return dx.narrow(2, 0, g.h)?.narrow(3, 0, g.w)?.contiguous();
     }
-    dy.contiguous()?
-        .apply_op2_no_bwd(&w.contiguous()?, &InputGrad { g })
+    dy.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &Grad {
+            g,
+            of: GradOf::Input,
+        },
+    )
 }
 
 fn geometry(
@@ -281,12 +286,24 @@ impl CustomOp2 for Conv2dForward {
         let dy = dy.contiguous()?;
         // Only what the graph needs: a VJP w.r.t. the state must not pay for weight gradients.
         let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(w, &InputGrad { g })?)
+            Some(dy.apply_op2_no_bwd(
+                w,
+                &Grad {
+                    g,
+                    of: GradOf::Input,
+                },
+            )?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(dy.apply_op2_no_bwd(x, &WeightGrad { g })?)
+            Some(dy.apply_op2_no_bwd(
+                x,
+                &Grad {
+                    g,
+                    of: GradOf::Weight,
+                },
+            )?)
         } else {
             None
         };
@@ -294,14 +311,27 @@ impl CustomOp2 for Conv2dForward {
     }
 }
 
-/// (dy, w) → dx.
-struct InputGrad {
-    g: Geometry,
+/// Which gradient a [`Grad`] op computes from dy and its second operand.
+#[derive(Debug, Clone, Copy)]
+enum GradOf {
+    /// (dy, w) → dx.
+    Input,
+    /// (dy, x) → dw.
+    Weight,
 }
 
-impl CustomOp2 for InputGrad {
+/// One of the convolution's gradients as a custom op.
+struct Grad {
+    g: Geometry,
+    of: GradOf,
+}
+
+impl CustomOp2 for Grad {
     fn name(&self) -> &'static str {
-        "mdeq-conv2d-input-grad"
+        match self.of {
+            GradOf::Input => "mdeq-conv2d-input-grad",
+            GradOf::Weight => "mdeq-conv2d-weight-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -313,31 +343,15 @@ impl CustomOp2 for InputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c_out, _, _) = l1.shape().dims4()?;
         let g = self.g;
-        let out = dispatch!(s1, l1, s2, l2, input_grad, b, c_out, g);
-        Ok((out, Shape::from((b, g.c_in, g.h, g.w))))
-    }
-}
-
-/// (dy, x) → dw.
-struct WeightGrad {
-    g: Geometry,
-}
-
-impl CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "mdeq-conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, c_out, _, _) = l1.shape().dims4()?;
-        let g = self.g;
-        let out = dispatch!(s1, l1, s2, l2, weight_grad, b, c_out, g);
-        Ok((out, Shape::from((c_out, g.c_in, g.k, g.k))))
+        Ok(match self.of {
+            GradOf::Input => (
+                dispatch!(s1, l1, s2, l2, input_grad, b, c_out, g),
+                Shape::from((b, g.c_in, g.h, g.w)),
+            ),
+            GradOf::Weight => (
+                dispatch!(s1, l1, s2, l2, weight_grad, b, c_out, g),
+                Shape::from((c_out, g.c_in, g.k, g.k)),
+            ),
+        })
     }
 }

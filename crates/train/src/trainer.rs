@@ -18,26 +18,35 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Options of one training run.
-#[derive(Debug, Clone)]
+/// Options of one training run (the `mdeq train` flags beside `--config`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TrainOptions {
-    /// Dataset directory.
-    pub data: PathBuf,
-    /// Output directory (checkpoints, metrics.jsonl).
+    /// Dataset directory (default: the recipe's data.root).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output directory (checkpoints, metrics.jsonl, TensorBoard events, plots).
+    #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
     /// Overrides the recipe's epochs.
+    #[arg(long)]
     pub epochs: Option<usize>,
     /// Stops after this many optimizer steps in total (the schedule still spans all epochs).
+    #[arg(long)]
     pub max_steps: Option<usize>,
     /// Overrides the recipe's batch size.
+    #[arg(long)]
     pub batch_size: Option<usize>,
     /// Seed of initialisation, shuffling and dropout.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Continue from `<out>/checkpoint-last.safetensors`.
+    #[arg(long)]
     pub resume: bool,
     /// Log a metrics line every this many steps.
+    #[arg(long, default_value_t = 20)]
     pub log_every: usize,
-    /// Evaluate on at most this many test samples at each epoch end (None: all).
+    /// Evaluate on at most this many test samples at each epoch end (default: all).
+    #[arg(long)]
     pub eval_limit: Option<usize>,
 }
 
@@ -77,8 +86,12 @@ fn save_checkpoint(
 pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let train_set = RecipeSplit::open(cfg, &opts.data, Split::Train)?;
-    let test_set = RecipeSplit::open(cfg, &opts.data, Split::Test)?;
+    let data = opts
+        .data
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&cfg.data.root));
+    let train_set = RecipeSplit::open(cfg, &data, Split::Train)?;
+    let test_set = RecipeSplit::open(cfg, &data, Split::Test)?;
     let task = cfg.model.task;
     let class_weights = train_set
         .kind

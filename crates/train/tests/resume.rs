@@ -21,7 +21,7 @@ fn config() -> ExperimentConfig {
 
 fn opts(data: &Path, out: PathBuf, max_steps: usize, resume: bool) -> TrainOptions {
     TrainOptions {
-        data: data.to_path_buf(),
+        data: Some(data.to_path_buf()),
         out,
         epochs: None,
         max_steps: Some(max_steps),

@@ -16,24 +16,100 @@ use std::time::Instant;
 pub mod training;
 
 /// Bench settings (the defaults are torch_cell.py's).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    /// Fixture folder with config.yaml and weights.safetensors.
+    /// Fixture folder with config.yaml, meta.json and weights.safetensors.
+    #[arg(long, default_value = "fixtures/cls-tiny")]
     pub fixture: String,
     /// Batch size.
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Untimed runs first.
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     /// Timed runs.
+    #[arg(long, default_value_t = 15)]
     pub repeats: usize,
-    /// Plain forward iterations in the train-step stand-in.
+    /// Plain forward iterations in the training-step figure.
+    #[arg(long, default_value_t = 18)]
     pub f_steps: usize,
-    /// Plain backward iterations in the train-step stand-in.
+    /// Plain backward iterations in the training-step figure.
+    #[arg(long, default_value_t = 20)]
     pub b_steps: usize,
-    /// Relative tolerance at which `train_step_frozen` freezes a sample.
+    /// Relative residual at which the `train_step_frozen` figure freezes a sample.
+    #[arg(long, default_value_t = 1e-3)]
     pub freeze_eps: f64,
-    /// Figures to time (empty: all).
+    /// Only these figures, comma-separated: cell_forward, forward_backward, vjp, train_step,
+    /// train_step_frozen, train_step_{ift,ift_whole_batch,phantom,jfb,unrolled},
+    /// forward_solve, inference_per_image.
+    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+}
+
+/// Flags of `mdeq bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to time, and how often.
+    #[command(flatten)]
+    pub options: BenchOptions,
+    /// A Python with torch, numpy and safetensors: runs torch_cell.py before and after us.
+    #[arg(long)]
+    pub compare_torch: Option<String>,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = "bench/torch_cell.py")]
+    pub torch_script: String,
+    /// Print only the JSON report (one line) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Times mdeq (between two PyTorch runs when asked) and prints the table and the JSON report.
+pub fn run(args: Args) -> Result<()> {
+    let opts = &args.options;
+    let threads = rayon_threads();
+    let mut torch_runs = Vec::new();
+    let mut time_torch = |when: &str| -> Result<()> {
+        if let Some(py) = &args.compare_torch {
+            eprintln!("running PyTorch{when} ({threads} threads)...");
+            torch_runs.push(run_torch(py, &args.torch_script, opts, threads)?);
+        }
+        Ok(())
+    };
+    time_torch("")?;
+    eprintln!("running mdeq ({threads} threads)...");
+    let ours = run_mdeq(opts)?;
+    time_torch(" again")?;
+    let report = report(&ours, &torch_runs);
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "{:<26} {:>12} {:>12} {:>12} {:>8}",
+        "figure", "mdeq median", "mdeq min", "torch median", "ratio"
+    );
+    let cell = |section: &str, name: &str| {
+        report[section][name]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.2}"))
+    };
+    for (name, t) in &ours {
+        println!(
+            "{name:<26} {:>12.2} {:>12.2} {:>12} {:>8}",
+            t.median_ms,
+            t.min_ms,
+            cell("torch", name),
+            cell("ratio", name)
+        );
+    }
+    println!("{report}");
+    Ok(())
 }
 
 impl BenchOptions {

@@ -189,8 +189,69 @@ impl Reference {
     }
 }
 
+/// The float type the model computes in.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Precision {
+    /// float32, as the official code trains.
+    F32,
+    /// float64, where every comparison is well posed.
+    F64,
+}
+
+impl Precision {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F64 => DType::F64,
+        }
+    }
+}
+
+/// Flags of `mdeq parity`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The experiment config (TOML, official YAML or preset name).
+    #[arg(long)]
+    pub config: String,
+    /// Weights: official state dict in any supported format, or an mdeq checkpoint.
+    #[arg(long)]
+    pub weights: String,
+    /// Reference tensors (io.safetensors / io_f64.safetensors).
+    #[arg(long)]
+    pub io: String,
+    /// Overrides every relative tolerance.
+    #[arg(long)]
+    pub tol_rel: Option<f64>,
+    /// Precision our model computes in.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+    /// Solver step limit (default: the fixture's meta.json, else the config).
+    #[arg(long)]
+    pub threshold: Option<usize>,
+    /// Solver tolerance (default: the fixture's meta.json, else the config).
+    #[arg(long)]
+    pub eps: Option<f64>,
+}
+
+/// Checks, prints the report, and fails when any tensor or solver trace failed.
+pub fn run(args: Args) -> Result<()> {
+    let cfg = ExperimentConfig::load(&args.config)?;
+    let opts = ParityOptions {
+        threshold: args.threshold,
+        eps: args.eps,
+        tol_rel: args.tol_rel,
+        dtype: args.precision.dtype(),
+    };
+    let report = check(&cfg, &args.weights, &args.io, &opts)?;
+    if !print_report(&report) {
+        anyhow::bail!("parity check failed");
+    }
+    Ok(())
+}
+
 /// Runs every path that `io` has references for and returns one row per reference tensor.
-pub fn run(
+pub fn check(
     config: &ExperimentConfig,
     weights: &str,
     io: &str,
