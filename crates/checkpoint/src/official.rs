@@ -21,20 +21,33 @@ pub enum FileFormat {
     Safetensors,
 }
 
-/// Recognises the format from the leading bytes.
+/// Recognises the format from the leading bytes, by each format's whole signature: safetensors
+/// (an 8-byte little-endian header length that fits the file, then `{`) is tested first,
+/// because its first byte is the low byte of that length and can be anything — 0x80, a
+/// pickle's PROTO opcode, included.
 pub fn detect_format(bytes: &[u8], path: &str) -> Result<FileFormat, CheckpointError> {
-    if bytes.starts_with(b"PK\x03\x04") {
-        Ok(FileFormat::TorchZip)
-    } else if bytes.first() == Some(&0x80) {
-        Ok(FileFormat::TorchLegacy)
-    } else if bytes.len() >= 9 && bytes[8] == b'{' {
+    if is_safetensors(bytes) {
         Ok(FileFormat::Safetensors)
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        Ok(FileFormat::TorchZip)
+    } else if bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
+        // PROTO opcode with a protocol torch.save writes (2) or a later pickle could (3..=5).
+        Ok(FileFormat::TorchLegacy)
     } else {
         Err(CheckpointError::format(
             path,
             "not a PyTorch (.pth zip or legacy pickle) or safetensors file",
         ))
     }
+}
+
+/// An 8-byte header length that fits in the file, followed by the JSON header's `{`.
+fn is_safetensors(bytes: &[u8]) -> bool {
+    let Some(len) = bytes.get(..8) else {
+        return false;
+    };
+    let header = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    header >= 2 && header <= (bytes.len() - 8) as u64 && bytes[8] == b'{'
 }
 
 /// Reads every tensor of a state dict from `path`.

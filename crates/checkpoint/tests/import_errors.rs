@@ -6,6 +6,7 @@ use mdeq_checkpoint::{format, import, read_state_dict, CheckpointError};
 use mdeq_model::Mdeq;
 use mdeq_recipe::ExperimentConfig;
 use mdeq_testkit::fixture_str as fixture;
+use mdeq_testkit::Context;
 
 fn tiny() -> mdeq_testkit::Result<(ExperimentConfig, Mdeq)> {
     let cfg = ExperimentConfig::load(&fixture("cls-tiny/config.yaml"))?;
@@ -216,5 +217,46 @@ fn a_failed_write_leaves_the_previous_checkpoint_intact() -> mdeq_testkit::Resul
     assert!(format::write_atomic(&path, b"second").is_err());
     assert_eq!(std::fs::read(&path)?, b"first");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn checkpoints_load_whatever_the_low_byte_of_their_header_length() -> mdeq_testkit::Result {
+    // A safetensors file starts with its header length, little-endian, so its first byte is
+    // any multiple of 8 (the header is padded to 8 bytes) — 0x80, a pickle's PROTO opcode,
+    // included. Pad the metadata so that the header length takes every such low byte.
+    let cfg = mdeq_testkit::tiny_classifier(&[4, 4]);
+    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 1)?;
+    let tensors: Vec<(String, candle_core::Tensor)> = model
+        .store()
+        .entries()
+        .iter()
+        .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
+        .collect();
+    let dir = mdeq_testkit::scratch_dir("header-bytes")?;
+    let mut seen = std::collections::BTreeSet::new();
+    for pad in 0..256 {
+        let metadata = std::collections::HashMap::from([
+            (format::CONFIG_KEY.to_string(), cfg.to_toml_string()),
+            (format::FORMAT_KEY.to_string(), format::FORMAT_VERSION.to_string()),
+            ("padding".to_string(), "x".repeat(pad)),
+        ]);
+        let bytes = safetensors::tensor::serialize(tensors.clone(), Some(metadata))?;
+        seen.insert(bytes[0]);
+        let path = dir.join(format!("pad{pad}.safetensors"));
+        std::fs::write(&path, &bytes)?;
+        let (loaded, _) = format::load(&path, DType::F32, &Device::Cpu)
+            .with_context(|| format!("first byte {:#04x}", bytes[0]))?;
+        assert_eq!(loaded, cfg);
+        assert_eq!(
+            read_state_dict_bytes(&bytes, "mem")?.len(),
+            tensors.len(),
+            "first byte {:#04x}",
+            bytes[0]
+        );
+    }
+    assert_eq!(seen.len(), 32, "every possible first byte was tried: {seen:?}");
+    assert!(seen.contains(&0x80));
+    std::fs::remove_dir_all(dir)?;
     Ok(())
 }
