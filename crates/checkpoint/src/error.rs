@@ -59,6 +59,9 @@ pub enum CheckpointError {
     /// Anything else wrong with the file's structure or contents.
     #[error("{path}: {message}")]
     Format { path: String, message: String },
+    /// A tensor to be written holds NaN or ±∞.
+    #[error("tensor {0} holds NaN or infinite values: refusing to write a checkpoint of it")]
+    NonFinite(String),
     /// The state dict does not match the model.
     #[error("{path}: the state dict does not match the model configuration:\n{report}")]
     Keys { path: String, report: KeyReport },

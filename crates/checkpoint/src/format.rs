@@ -6,6 +6,7 @@ use crate::error::CheckpointError;
 use crate::import::load_into;
 use crate::official::read_state_dict_bytes;
 use candle_core::{DType, Device, Tensor};
+use mdeq_model::params::all_finite;
 use mdeq_model::Mdeq;
 use mdeq_recipe::ExperimentConfig;
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,13 @@ pub fn checkpoint_bytes(
         metadata.insert(TRAINING_STATE_KEY.to_string(), state);
         tensors.extend(t.optimizer.iter().cloned());
     }
+    // A checkpoint never holds NaN or ∞: it would evaluate, resume and overwrite good ones.
+    for (name, t) in &tensors {
+        let finite = all_finite(t).map_err(|e| CheckpointError::format(name, e.to_string()))?;
+        if !finite {
+            return Err(CheckpointError::NonFinite(name.clone()));
+        }
+    }
     safetensors::tensor::serialize(tensors, Some(metadata))
         .map_err(|e| CheckpointError::format("<memory>", e.to_string()))
 }
@@ -111,7 +119,13 @@ pub fn save(
     config: &ExperimentConfig,
     training: Option<&TrainingCheckpoint>,
 ) -> Result<(), CheckpointError> {
-    write_atomic(path, &checkpoint_bytes(model, config, training)?)
+    let bytes = checkpoint_bytes(model, config, training).map_err(|e| match e {
+        CheckpointError::NonFinite(_) => {
+            CheckpointError::format(&path.display().to_string(), e.to_string())
+        }
+        other => other,
+    })?;
+    write_atomic(path, &bytes)
 }
 
 /// Loads a training checkpoint's weights into `model` and returns where the run stood, with

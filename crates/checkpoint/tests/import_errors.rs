@@ -238,7 +238,10 @@ fn checkpoints_load_whatever_the_low_byte_of_their_header_length() -> mdeq_testk
     for pad in 0..256 {
         let metadata = std::collections::HashMap::from([
             (format::CONFIG_KEY.to_string(), cfg.to_toml_string()),
-            (format::FORMAT_KEY.to_string(), format::FORMAT_VERSION.to_string()),
+            (
+                format::FORMAT_KEY.to_string(),
+                format::FORMAT_VERSION.to_string(),
+            ),
             ("padding".to_string(), "x".repeat(pad)),
         ]);
         let bytes = safetensors::tensor::serialize(tensors.clone(), Some(metadata))?;
@@ -255,7 +258,11 @@ fn checkpoints_load_whatever_the_low_byte_of_their_header_length() -> mdeq_testk
             bytes[0]
         );
     }
-    assert_eq!(seen.len(), 32, "every possible first byte was tried: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        32,
+        "every possible first byte was tried: {seen:?}"
+    );
     assert!(seen.contains(&0x80));
     std::fs::remove_dir_all(dir)?;
     Ok(())

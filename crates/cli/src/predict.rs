@@ -1,12 +1,13 @@
 //! `mdeq predict`: classes with probabilities for each image, or for segmentation models a
 //! colour label map and an overlay PNG per image.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mdeq_checkpoint::format;
 use mdeq_data::image_folder::decode_image;
 use mdeq_data::{DatasetKind, Image};
 use mdeq_model::equilibrium::eval_forward;
+use mdeq_model::params::all_finite;
 use mdeq_model::Task;
 use mdeq_train::loss::predict_pixels;
 use serde::Serialize;
@@ -99,6 +100,13 @@ pub fn predict_images(
             &Device::Cpu,
         )?;
         let (logits, _, stats) = eval_forward(&model, &x, &rt)?;
+        if !all_finite(&logits)? {
+            bail!(
+                "{}: the model's output is not finite (NaN or ±inf); check that {} holds finite weights",
+                path.display(),
+                checkpoint.display()
+            );
+        }
         let mut pred = Prediction {
             image: path.display().to_string(),
             top: Vec::new(),

@@ -76,6 +76,16 @@ impl ParamStore {
         self.parameters().map(|e| e.var.elem_count()).sum()
     }
 
+    /// The first entry (parameter or buffer) holding a NaN or an infinity, if any.
+    pub fn first_non_finite(&self) -> Result<Option<&str>> {
+        for e in &self.entries {
+            if !all_finite(e.var.as_tensor())? {
+                return Ok(Some(&e.name));
+            }
+        }
+        Ok(None)
+    }
+
     fn add(&mut self, name: String, kind: EntryKind, tensor: Tensor) -> Result<Var> {
         debug_assert!(self.get(&name).is_none(), "duplicate key {name}");
         let var = Var::from_tensor(&tensor)?;
@@ -205,4 +215,17 @@ mod rand_distr_free {
     pub fn uniform(rng: &mut impl Rng, b: f64) -> f64 {
         (rng.gen::<f64>() * 2.0 - 1.0) * b
     }
+}
+
+/// True when every element of `t` is finite (integer tensors always are): 0·x is 0 for finite
+/// x and NaN for NaN and ±∞, so the sum is NaN exactly when some element is not finite.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let t = t.to_dtype(candle_core::DType::F64)?;
+    Ok(t.affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .is_finite())
 }

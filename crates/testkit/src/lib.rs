@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// What a test returns: any error fails it with its message and context.
 pub type Result<T = ()> = anyhow::Result<T>;
 
-pub use anyhow::{bail, ensure, Context};
+pub use anyhow::{self, bail, ensure, Context};
 
 /// `fixtures/<rel>` in the repository (see `fixtures/README.md`).
 pub fn fixture(rel: &str) -> PathBuf {

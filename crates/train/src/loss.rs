@@ -47,10 +47,14 @@ pub fn segmentation_loss(
 }
 
 /// Per-pixel predicted classes (B, H, W) of (B, K, h, w) logits upsampled to (H, W) as the
-/// official validation does (bilinear, align_corners = true).
+/// official validation does (bilinear, align_corners = true). A pixel with a non-finite logit
+/// has no prediction and gets K, which the metrics count as wrong.
 pub fn predict_pixels(logits: &Tensor, height: usize, width: usize) -> Result<Tensor> {
-    bilinear_resize(logits, height, width, true)?
-        .argmax_keepdim(1)?
-        .squeeze(1)?
-        .to_dtype(DType::U32)
+    let up = bilinear_resize(logits, height, width, true)?;
+    let classes = up.dim(1)?;
+    let predicted = up.argmax_keepdim(1)?.squeeze(1)?.to_dtype(DType::U32)?;
+    // |x| < ∞ is false for NaN and ±∞.
+    let finite = up.abs()?.lt(f64::INFINITY)?.min_keepdim(1)?.squeeze(1)?;
+    let none = Tensor::full(classes as u32, predicted.shape(), predicted.device())?;
+    finite.where_cond(&predicted, &none)
 }

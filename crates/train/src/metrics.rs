@@ -4,13 +4,24 @@
 use candle_core::{DType, Result, Tensor};
 use mdeq_data::IGNORE_LABEL;
 
-/// (top-1 correct, top-5 correct) in a batch of (B, K) logits and (B) labels.
+/// (top-1 correct, top-5 correct) in a batch of (B, K) logits and (B) labels. A sample with a
+/// non-finite logit is wrong at every k (with NaN no logit compares greater than the target's,
+/// which would otherwise count it right); a label outside 0..K is an error.
 pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let labels = labels.to_vec1::<i64>()?;
     let (mut c1, mut c5) = (0, 0);
     for (row, &label) in rows.iter().zip(&labels) {
-        let target = row[label as usize];
+        let target = usize::try_from(label)
+            .ok()
+            .and_then(|l| row.get(l))
+            .copied()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("label {label} outside 0..{}", row.len()))
+            })?;
+        if !row.iter().all(|v| v.is_finite()) {
+            continue;
+        }
         let better = row.iter().filter(|&&v| v > target).count();
         c1 += (better == 0) as usize;
         c5 += (better < 5) as usize;
@@ -18,11 +29,13 @@ pub fn correct(logits: &Tensor, labels: &Tensor) -> Result<(usize, usize)> {
     Ok((c1, c5))
 }
 
-/// Counts of (true class, predicted class) over labelled pixels.
+/// Counts of (true class, predicted class) over labelled pixels, and per true class the pixels
+/// that got no prediction (non-finite logits: wrong in every score).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfusionMatrix {
     classes: usize,
     counts: Vec<u64>,
+    unpredicted: Vec<u64>,
 }
 
 impl ConfusionMatrix {
@@ -31,11 +44,13 @@ impl ConfusionMatrix {
         Self {
             classes,
             counts: vec![0; classes * classes],
+            unpredicted: vec![0; classes],
         }
     }
 
     /// Adds (B, H, W) int64 labels against (B, H, W) predicted classes; ignore-labelled pixels are
-    /// skipped; a label outside 0..classes is an error.
+    /// skipped; a prediction equal to the class count (see `predict_pixels`) is no prediction; a
+    /// label or prediction outside those is an error.
     pub fn add(&mut self, labels: &Tensor, predicted: &Tensor) -> Result<()> {
         let labels = labels.flatten_all()?.to_vec1::<i64>()?;
         let predicted = predicted
@@ -49,14 +64,22 @@ impl ConfusionMatrix {
             if t < 0 || t as usize >= self.classes {
                 candle_core::bail!("label {t} outside 0..{} (and not ignore)", self.classes);
             }
-            self.counts[t as usize * self.classes + p as usize] += 1;
+            match (p as usize).cmp(&self.classes) {
+                std::cmp::Ordering::Less => {
+                    self.counts[t as usize * self.classes + p as usize] += 1
+                }
+                std::cmp::Ordering::Equal => self.unpredicted[t as usize] += 1,
+                std::cmp::Ordering::Greater => {
+                    candle_core::bail!("predicted class {p} outside 0..={}", self.classes)
+                }
+            }
         }
         Ok(())
     }
 
     /// Pixels counted.
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().sum::<u64>() + self.unpredicted.iter().sum::<u64>()
     }
 
     /// Intersection over union of each class.
@@ -65,7 +88,8 @@ impl ConfusionMatrix {
         (0..k)
             .map(|c| {
                 let tp = self.counts[c * k + c];
-                let actual: u64 = (0..k).map(|p| self.counts[c * k + p]).sum();
+                let actual: u64 =
+                    (0..k).map(|p| self.counts[c * k + p]).sum::<u64>() + self.unpredicted[c];
                 let predicted: u64 = (0..k).map(|t| self.counts[t * k + c]).sum();
                 tp as f64 / (actual + predicted - tp).max(1) as f64
             })
@@ -86,7 +110,10 @@ impl ConfusionMatrix {
             .iou()
             .into_iter()
             .enumerate()
-            .filter(|&(c, _)| (0..k).any(|o| self.counts[c * k + o] + self.counts[o * k + c] > 0))
+            .filter(|&(c, _)| {
+                self.unpredicted[c] > 0
+                    || (0..k).any(|o| self.counts[c * k + o] + self.counts[o * k + c] > 0)
+            })
             .map(|(_, v)| v)
             .collect();
         present.iter().sum::<f64>() / present.len().max(1) as f64

@@ -92,6 +92,12 @@ pub fn train_step(
         LrSchedule::Poly => poly(cfg.train.lr, step, plan.total_steps),
     };
     opt.step(params, &grads, lr)?;
+    if let Some(name) = model.store().first_non_finite()? {
+        bail!(
+            "step {step}: the update made {name} non-finite (NaN or ±inf) at learning rate {lr:e}; \
+             stopping before any checkpoint holds it"
+        );
+    }
     Ok(StepOutcome {
         gradients,
         loss,

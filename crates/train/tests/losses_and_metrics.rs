@@ -165,3 +165,38 @@ fn tensorboard_events_decode_to_the_logged_scalars() -> mdeq_testkit::Result {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+#[test]
+fn non_finite_outputs_count_as_wrong_in_every_metric() -> mdeq_testkit::Result {
+    use mdeq_train::loss::predict_pixels;
+    use mdeq_train::metrics::correct;
+    let dev = Device::Cpu;
+    // Sample 0: right; 1: NaN everywhere (no logit compares greater than the target's, which
+    // used to count it right); 2: the target's logit is +∞; 3: right but one logit is NaN.
+    let nan = f32::NAN;
+    let logits = Tensor::new(
+        &[
+            [3.0f32, 1.0, 0.0],
+            [nan, nan, nan],
+            [0.0, f32::INFINITY, 0.0],
+            [2.0, nan, 0.0],
+        ],
+        &dev,
+    )?;
+    let labels = Tensor::new(&[0i64, 1, 1, 0], &dev)?;
+    assert_eq!(correct(&logits, &labels)?, (1, 1));
+    let err = correct(&logits, &Tensor::new(&[0i64, 1, 3, 0], &dev)?).unwrap_err();
+    assert!(err.to_string().contains("label 3 outside 0..3"), "{err}");
+
+    // Segmentation: a pixel with a non-finite logit gets no prediction (the class count) and
+    // lowers both its class's IoU and the pixel accuracy. B = 1, K = 2, 1×2 pixels, labels [0, 1].
+    let logits = Tensor::new(&[[[[5.0f32, nan]], [[0.0, 1.0]]]], &dev)?;
+    let predicted = predict_pixels(&logits, 1, 2)?;
+    assert_eq!(predicted.flatten_all()?.to_vec1::<u32>()?, vec![0, 2]);
+    let mut confusion = ConfusionMatrix::new(2);
+    confusion.add(&Tensor::new(&[[[0i64, 1]]], &dev)?, &predicted)?;
+    assert_eq!(confusion.total(), 2);
+    assert_eq!(confusion.pixel_accuracy(), 0.5);
+    assert_eq!(confusion.iou(), vec![1.0, 0.0]);
+    Ok(())
+}

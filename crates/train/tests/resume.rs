@@ -210,3 +210,68 @@ fn forward_threshold_is_jittered_on_jacobian_loss_steps_as_the_official_code_doe
     std::fs::remove_dir_all(root)?;
     Ok(())
 }
+
+#[test]
+fn a_diverging_run_stops_with_an_error_and_never_checkpoints_non_finite_weights(
+) -> mdeq_testkit::Result {
+    // Adam moves every weight by about lr per step: at 1e30 the first step leaves finite but
+    // huge weights, whose next forward overflows. The run must stop, say why, and leave no
+    // checkpoint with NaN or ±∞ behind (an evaluation of such weights must not score either).
+    let mut cfg = config();
+    cfg.train.lr = 1e30;
+    let root = mdeq_testkit::scratch_dir("diverge")?;
+    let data = root.join("data");
+    write_toy_idx(&data, 24)?;
+    let mut o = opts(&data, root.join("run"), 12, false);
+    o.eval_limit = Some(8);
+    let err = match train(&cfg, &o) {
+        Ok(s) => {
+            return Err(mdeq_testkit::anyhow::anyhow!(
+                "trained {} steps at lr 1e30",
+                s.steps
+            ))
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("non-finite") || err.contains("the loss is"),
+        "{err}"
+    );
+    for name in ["checkpoint-last.safetensors", "checkpoint-best.safetensors"] {
+        let path = root.join("run").join(name);
+        if path.exists() {
+            for (key, t) in candle_core::safetensors::load(&path, &candle_core::Device::Cpu)? {
+                assert!(mdeq_model::params::all_finite(&t)?, "{name}: {key}");
+            }
+        }
+    }
+    // Writing non-finite weights is refused outright, naming the tensor and the file.
+    let dev = candle_core::Device::Cpu;
+    for (values, finite) in [
+        ([1.0f32, 2.0], true),
+        ([1.0, f32::INFINITY], false),
+        ([f32::NAN, 0.0], false),
+    ] {
+        let t = candle_core::Tensor::new(&values, &dev)?;
+        assert_eq!(mdeq_model::params::all_finite(&t)?, finite, "{values:?}");
+    }
+    let model = mdeq_model::Mdeq::new(
+        &cfg.model,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        0,
+    )?;
+    let entry = &model.store().entries()[0];
+    entry.var.set(&(entry.var.as_tensor() * f64::NAN)?)?;
+    let path = root.join("nan.safetensors");
+    let err = mdeq_checkpoint::format::save(&path, &model, &cfg, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&entry.name) && err.contains("nan.safetensors"),
+        "{err}"
+    );
+    assert!(!path.exists());
+    std::fs::remove_dir_all(root)?;
+    Ok(())
+}
