@@ -81,34 +81,77 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
     })
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, DataError> {
+/// The largest IDX payload a file may claim (Fashion-MNIST's training images are 47 MB):
+/// a header cannot make the loader inflate or allocate more than this.
+pub const MAX_IDX_BYTES: u64 = 8 << 30;
+
+/// Reads an IDX file of `dims` dimensions, raw or gzip-compressed, inflating only as much as
+/// its header says it holds (and at most [`MAX_IDX_BYTES`]); returns (dimensions, payload).
+fn read(path: &Path, dims: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let p = path.display().to_string();
-    let raw = std::fs::read(path).map_err(|source| DataError::Io {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         path: p.clone(),
         source,
     })?;
-    if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::Format {
-                path: p,
-                message: format!("corrupt gzip stream: {e}"),
-            })?;
-        Ok(out)
+    let mut input: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
     } else {
-        Ok(raw)
+        Box::new(std::io::BufReader::new(file))
+    };
+    let io = |e: std::io::Error| DataError::Format {
+        path: p.clone(),
+        message: format!("reading: {e}"),
+    };
+    let mut header = vec![0u8; 4 + 4 * dims];
+    let got = read_up_to(&mut input, &mut header).map_err(io)?;
+    let shape = parse_header(&header[..got], dims, path)?;
+    let n = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&n| n <= MAX_IDX_BYTES)
+        .ok_or_else(|| DataError::Format {
+            path: p.clone(),
+            message: format!("header claims {shape:?} = more than {MAX_IDX_BYTES} bytes of data"),
+        })?;
+    // One byte past the claim tells a file that holds more than it says.
+    let mut payload = Vec::new();
+    input.take(n + 1).read_to_end(&mut payload).map_err(io)?;
+    if payload.len() as u64 != n {
+        return Err(DataError::Format {
+            path: p,
+            message: format!(
+                "header promises {n} bytes of data ({shape:?}), file has {}{}",
+                payload.len(),
+                if payload.len() as u64 > n {
+                    " or more"
+                } else {
+                    ""
+                }
+            ),
+        });
     }
+    Ok((shape, payload))
 }
 
-/// Parses an IDX file with `dims` dimensions of u8 data; returns (dimensions, payload).
-fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+/// Fills as much of `buf` as the stream holds; returns how much.
+fn read_up_to(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..])? {
+            0 => break,
+            k => filled += k,
+        }
+    }
+    Ok(filled)
+}
+
+/// The dimensions in an IDX header of `dims`-D unsigned bytes.
+fn parse_header(bytes: &[u8], dims: usize, path: &Path) -> Result<Vec<usize>, DataError> {
     let bad = |m: String| DataError::Format {
         path: path.display().to_string(),
         message: m,
     };
-    let header = 4 + 4 * dims;
-    if bytes.len() < header {
+    if bytes.len() < 4 + 4 * dims {
         return Err(bad(format!("truncated header: {} bytes", bytes.len())));
     }
     if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 || bytes[3] as usize != dims {
@@ -117,17 +160,10 @@ fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<u8>)
             &bytes[..4]
         )));
     }
-    let shape: Vec<usize> = (0..dims)
-        .map(|d| u32::from_be_bytes(bytes[4 + 4 * d..8 + 4 * d].try_into().unwrap()) as usize)
-        .collect();
-    let n: usize = shape.iter().product();
-    if bytes.len() != header + n {
-        return Err(bad(format!(
-            "header promises {n} bytes of data ({shape:?}), file has {}",
-            bytes.len() - header
-        )));
-    }
-    Ok((shape, bytes[header..].to_vec()))
+    Ok(bytes[4..4 + 4 * dims]
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect())
 }
 
 impl IdxDataset {
@@ -139,8 +175,14 @@ impl IdxDataset {
         };
         let image_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
         let label_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
-        let (ishape, images) = parse(&read(&image_path)?, 3, &image_path)?;
-        let (lshape, labels) = parse(&read(&label_path)?, 1, &label_path)?;
+        let (ishape, images) = read(&image_path, 3)?;
+        let (lshape, labels) = read(&label_path, 1)?;
+        if ishape[1] == 0 || ishape[2] == 0 {
+            return Err(DataError::Format {
+                path: image_path.display().to_string(),
+                message: format!("images of {}x{} pixels", ishape[1], ishape[2]),
+            });
+        }
         if ishape[0] != lshape[0] {
             return Err(DataError::Format {
                 path: label_path.display().to_string(),

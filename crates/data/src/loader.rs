@@ -77,8 +77,14 @@ impl BatchLoader {
 
     /// Batch `i`.
     pub fn batch(&self, i: usize, device: &Device) -> Result<Batch, DataError> {
-        let idx =
-            &self.order[i * self.batch_size..((i + 1) * self.batch_size).min(self.order.len())];
+        let start = i.saturating_mul(self.batch_size).min(self.order.len());
+        let idx = &self.order[start..start.saturating_add(self.batch_size).min(self.order.len())];
+        if idx.is_empty() {
+            return Err(DataError::format(
+                format!("batch {i}"),
+                format!("past the end of the {} samples", self.order.len()),
+            ));
+        }
         let samples: Vec<_> = idx
             .par_iter()
             .map(|&j| {
@@ -132,7 +138,9 @@ impl BatchLoader {
         })
     }
 
-    /// Batches `range` in order, prepared on a background thread at most `depth` ahead.
+    /// Batches `range` in order, prepared on a background thread at most `depth` ahead. A panic
+    /// while preparing a batch (a decoder's or a transform's bug) arrives as that batch's error,
+    /// and so does a producer that ends early: the consumer never sees a silently short epoch.
     pub fn prefetch(
         &self,
         range: std::ops::Range<usize>,
@@ -140,24 +148,65 @@ impl BatchLoader {
     ) -> impl Iterator<Item = Result<Batch, DataError>> {
         let (tx, rx) = sync_channel(depth.max(1));
         let me = self.clone();
+        let (next, end) = (range.start, range.end);
         std::thread::spawn(move || {
             for i in range {
-                if tx.send(me.batch(i, &Device::Cpu)).is_err() {
+                let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    me.batch(i, &Device::Cpu)
+                }))
+                .unwrap_or_else(|panic| Err(me.panicked(i, panic.as_ref())));
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
                     break;
                 }
             }
         });
-        Prefetched { rx }
+        Prefetched { rx, next, end }
+    }
+
+    /// The error for a panic while preparing batch `i`.
+    fn panicked(&self, i: usize, panic: &(dyn std::any::Any + Send)) -> DataError {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        let first = i * self.batch_size;
+        let last = ((i + 1) * self.batch_size).min(self.order.len());
+        DataError::format(
+            format!("batch {i} (samples {first}..{last} of the epoch's order)"),
+            format!("preparing it panicked: {what}"),
+        )
     }
 }
 
 struct Prefetched {
     rx: Receiver<Result<Batch, DataError>>,
+    /// The next batch index expected, and one past the last.
+    next: usize,
+    end: usize,
 }
 
 impl Iterator for Prefetched {
     type Item = Result<Batch, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.recv().ok()
+        if self.next >= self.end {
+            return None;
+        }
+        let i = self.next;
+        match self.rx.recv() {
+            Ok(batch) => {
+                // After an error the producer stops; so does the iteration.
+                self.next = if batch.is_ok() { i + 1 } else { self.end };
+                Some(batch)
+            }
+            Err(_) => {
+                self.next = self.end;
+                Some(Err(DataError::format(
+                    format!("batch {i}"),
+                    "the loader thread ended before producing it",
+                )))
+            }
+        }
     }
 }

@@ -111,3 +111,61 @@ fn bad_files_give_errors_naming_the_file() -> mdeq_testkit::Result {
     assert!(err.contains("train-images-idx3-ubyte"), "{err}");
     Ok(())
 }
+
+#[test]
+fn headers_cannot_make_the_reader_inflate_or_allocate_more_than_the_file_holds(
+) -> mdeq_testkit::Result {
+    use std::io::Write;
+    let dir = mdeq_testkit::scratch_dir("idx-hostile")?;
+    let labels = idx_bytes(&[2], &[0, 1]);
+    write(&dir, "train-labels-idx1-ubyte", &labels, false);
+    let images = dir.join("train-images-idx3-ubyte");
+    let open_err = || {
+        IdxDataset::open(&dir, Split::Train)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // Dimensions whose product wraps to 0 in 64-bit arithmetic: 2^32 · 2^32 · 2 (the u32
+    // fields hold at most 2^32 − 1, so use 2^32 − 1 three times: ≈ 8e28 > the cap).
+    let mut huge = vec![0, 0, 8, 3];
+    for _ in 0..3 {
+        huge.extend(u32::MAX.to_be_bytes());
+    }
+    std::fs::write(&images, &huge)?;
+    let err = open_err();
+    assert!(
+        err.contains("header claims") && err.contains("train-images"),
+        "{err}"
+    );
+    // Zero-sized images are refused, not handed to the transforms.
+    std::fs::write(&images, idx_bytes(&[2, 0, 5], &[]))?;
+    assert!(
+        open_err().contains("images of 0x5 pixels"),
+        "{}",
+        open_err()
+    );
+    // A gzip bomb: a small header claiming 2×4×4 images followed by 64 MiB of zeros. The reader
+    // stops one byte past the claim instead of inflating everything.
+    std::fs::remove_file(&images)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&idx_bytes(&[2, 4, 4], &[7; 32]))?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        gz.write_all(&zeros)?;
+    }
+    let bomb = gz.finish()?;
+    assert!(
+        bomb.len() < 1 << 20,
+        "the bomb is small: {} bytes",
+        bomb.len()
+    );
+    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), &bomb)?;
+    let err = open_err();
+    assert!(
+        err.contains("promises 32 bytes") && err.contains("or more"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

@@ -236,3 +236,50 @@ fn a_single_image_is_prepared_as_its_dataset_evaluates() -> Result<(), DataError
     );
     Ok(())
 }
+
+/// Eight samples; sample 5 makes its decoder panic.
+struct PanicsAtFive;
+impl Dataset for PanicsAtFive {
+    fn len(&self) -> usize {
+        8
+    }
+    fn channels(&self) -> usize {
+        3
+    }
+    fn num_classes(&self) -> usize {
+        5
+    }
+    fn get(&self, i: usize) -> Result<Sample, DataError> {
+        if i == 5 {
+            panic!("decoder bug on sample {i}");
+        }
+        Toy.get(i)
+    }
+}
+
+#[test]
+fn a_panic_while_loading_is_an_error_that_ends_the_epoch() -> mdeq_testkit::Result {
+    let ds: Arc<dyn Dataset> = Arc::new(PanicsAtFive);
+    let norm = Normalization {
+        mean: vec![0.5; 3],
+        std: vec![0.2; 3],
+    };
+    // In order (no shuffle), batches of 2: sample 5 is in batch 2.
+    let loader = BatchLoader::new(ds, Transform::Identity, norm, 2, false, 0, 0);
+    let results: Vec<_> = loader.prefetch(0..4, 2).collect();
+    assert_eq!(
+        results.len(),
+        3,
+        "two good batches, then the error, then nothing"
+    );
+    assert!(results[0].is_ok() && results[1].is_ok());
+    let err = match &results[2] {
+        Ok(_) => mdeq_testkit::bail!("the panicking batch came out as a batch"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("batch 2") && err.contains("decoder bug on sample 5"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -36,6 +36,9 @@ impl RecipeSplit {
             );
         }
         let dataset = open_dataset(kind, dir, split, m.image_size)?;
+        if dataset.is_empty() {
+            bail!("{}: the {split:?} split holds no samples", dir.display());
+        }
         if dataset.channels() != m.in_channels {
             bail!(
                 "{}: images have {} channels, the config expects model.in_channels = {}",

@@ -275,3 +275,20 @@ fn a_diverging_run_stops_with_an_error_and_never_checkpoints_non_finite_weights(
     std::fs::remove_dir_all(root)?;
     Ok(())
 }
+
+#[test]
+fn an_empty_dataset_is_an_error_not_a_run_of_nothing() -> mdeq_testkit::Result {
+    let root = mdeq_testkit::scratch_dir("empty-data")?;
+    let data = root.join("data");
+    write_toy_idx(&data, 0)?;
+    let err = match train(&config(), &opts(&data, root.join("run"), 2, false)) {
+        Ok(s) => mdeq_testkit::bail!("trained {} steps on no data", s.steps),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("holds no samples") && err.contains("data"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(root)?;
+    Ok(())
+}
