@@ -151,6 +151,13 @@ fn check_global(module: &str, name: &str) -> Result<Value, PickleError> {
 /// Limits that keep a hostile file from exhausting memory.
 const MAX_STACK: usize = 1 << 20;
 const MAX_MEMO: usize = 1 << 22;
+/// Deepest container nesting accepted (a state dict nests four levels). Deeper values would
+/// overflow the thread's stack when dropped, cloned or printed.
+pub const MAX_DEPTH: usize = 64;
+/// Memo copies may cost at most this many units per input byte (plus a fixed allowance): a
+/// real state dict copies a few short strings, while a hostile one copies one large value
+/// thousands of times to turn kilobytes into gigabytes.
+const COPY_BUDGET_PER_BYTE: usize = 16;
 
 /// Reads one pickle from `data[*pos..]`, advancing `pos` past its STOP opcode.
 pub fn load(data: &[u8], pos: &mut usize) -> Result<Value, PickleError> {
@@ -159,8 +166,25 @@ pub fn load(data: &[u8], pos: &mut usize) -> Result<Value, PickleError> {
         pos,
         stack: Vec::new(),
         memo: HashMap::new(),
+        copy_budget: CopyBudget::new(data.len().saturating_mul(COPY_BUDGET_PER_BYTE) + (1 << 20)),
     }
     .run()
+}
+
+/// What memo copies may still cost; a `Cell` because the value being copied is borrowed from
+/// the unpickler while it is charged.
+struct CopyBudget {
+    initial: usize,
+    left: std::cell::Cell<usize>,
+}
+
+impl CopyBudget {
+    fn new(units: usize) -> Self {
+        Self {
+            initial: units,
+            left: std::cell::Cell::new(units),
+        }
+    }
 }
 
 struct Unpickler<'a, 'p> {
@@ -168,6 +192,53 @@ struct Unpickler<'a, 'p> {
     pos: &'p mut usize,
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
+    /// Units (nodes and bytes, see [`weight_within`]) that memo copies may still cost.
+    copy_budget: CopyBudget,
+}
+
+/// The size of `v` in units (one per node, one per byte of its strings), if at most `cap`;
+/// computed without recursion.
+fn weight_within(v: &Value, cap: usize) -> Option<usize> {
+    let mut total = 0usize;
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        total += match v {
+            Value::Str(s) => s.len() + 1,
+            Value::Bytes(b) | Value::BigInt(b) => b.len() + 1,
+            Value::Storage { key, .. } => key.len() + 1,
+            Value::Tensor(t) => t.storage_key.len() + t.shape.len() + t.stride.len() + 1,
+            Value::Global(m, n) => m.len() + n.len() + 1,
+            _ => 1,
+        };
+        if total > cap {
+            return None;
+        }
+        match v {
+            Value::Tuple(xs) | Value::List(xs) => todo.extend(xs),
+            Value::Dict(kv) => kv.iter().for_each(|(k, v)| todo.extend([k, v])),
+            _ => {}
+        }
+    }
+    Some(total)
+}
+
+/// The container nesting depth of `v` (0 for a scalar), if at most `max`; without recursion.
+fn depth_within(v: &Value, max: usize) -> Option<usize> {
+    let mut deepest = 0;
+    let mut todo = vec![(v, 0usize)];
+    while let Some((v, d)) = todo.pop() {
+        let children: Vec<&Value> = match v {
+            Value::Tuple(xs) | Value::List(xs) => xs.iter().collect(),
+            Value::Dict(kv) => kv.iter().flat_map(|(k, v)| [k, v]).collect(),
+            _ => continue,
+        };
+        if d + 1 > max {
+            return None;
+        }
+        deepest = deepest.max(d + 1);
+        todo.extend(children.into_iter().map(|c| (c, d + 1)));
+    }
+    Some(deepest)
 }
 
 impl Unpickler<'_, '_> {
@@ -241,11 +312,12 @@ impl Unpickler<'_, '_> {
         if self.memo.len() >= MAX_MEMO {
             return Err(self.malformed("memo too large"));
         }
-        let v = self
+        let top = self
             .stack
             .last()
-            .cloned()
             .ok_or_else(|| self.malformed("memo put on empty stack"))?;
+        self.charge_copy(top)?;
+        let v = top.clone();
         self.memo.insert(key, v);
         Ok(())
     }
@@ -253,9 +325,36 @@ impl Unpickler<'_, '_> {
         let v = self
             .memo
             .get(&key)
-            .cloned()
             .ok_or_else(|| self.malformed(format!("memo key {key} missing")))?;
+        self.charge_copy(v)?;
+        let v = v.clone();
         self.push(v)
+    }
+    /// Takes the cost of copying `v` out of the copy budget, or refuses the file.
+    fn charge_copy(&self, v: &Value) -> Result<(), PickleError> {
+        let cost = weight_within(v, self.copy_budget.left.get()).ok_or_else(|| {
+            self.malformed(format!(
+                "memo copies would exceed {} units for a {}-byte pickle (memo amplification)",
+                self.copy_budget.initial,
+                self.data.len()
+            ))
+        })?;
+        self.copy_budget
+            .left
+            .set(self.copy_budget.left.get() - cost);
+        Ok(())
+    }
+    /// Refuses a value that would nest containers deeper than [`MAX_DEPTH`] inside its parent.
+    fn check_nesting<'v>(
+        &self,
+        children: impl IntoIterator<Item = &'v Value>,
+    ) -> Result<(), PickleError> {
+        for c in children {
+            if depth_within(c, MAX_DEPTH - 1).is_none() {
+                return Err(self.malformed(format!("containers nested deeper than {MAX_DEPTH}")));
+            }
+        }
+        Ok(())
     }
     fn string(&mut self, n: usize) -> Result<Value, PickleError> {
         let at = *self.pos;
@@ -344,14 +443,17 @@ impl Unpickler<'_, '_> {
                 b'}' => self.push(Value::Dict(vec![]))?,
                 b't' => {
                     let items = self.pop_mark()?;
+                    self.check_nesting(&items)?;
                     self.push(Value::Tuple(items))?
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
+                    self.check_nesting(&items)?;
                     self.push(Value::List(items))?
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
+                    self.check_nesting(&items)?;
                     let pairs =
                         pairs(items).ok_or_else(|| self.malformed("odd number of dict items"))?;
                     self.push(Value::Dict(pairs))?
@@ -362,6 +464,7 @@ impl Unpickler<'_, '_> {
                         return Err(self.malformed("stack underflow in TUPLEn"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
+                    self.check_nesting(&items)?;
                     self.push(Value::Tuple(items))?
                 }
                 b'q' => {
@@ -428,6 +531,7 @@ impl Unpickler<'_, '_> {
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
+                    self.check_nesting([&k, &v])?;
                     match self.top_mut()? {
                         Value::Dict(d) => d.push((k, v)),
                         _ => return Err(self.malformed("SETITEM on a non-dict")),
@@ -435,6 +539,7 @@ impl Unpickler<'_, '_> {
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
+                    self.check_nesting(&items)?;
                     let new = pairs(items)
                         .ok_or_else(|| self.malformed("odd number of SETITEMS items"))?;
                     match self.top_mut()? {
@@ -444,6 +549,7 @@ impl Unpickler<'_, '_> {
                 }
                 b'a' => {
                     let v = self.pop()?;
+                    self.check_nesting([&v])?;
                     match self.top_mut()? {
                         Value::List(l) => l.push(v),
                         _ => return Err(self.malformed("APPEND on a non-list")),
@@ -451,6 +557,7 @@ impl Unpickler<'_, '_> {
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
+                    self.check_nesting(&items)?;
                     match self.top_mut()? {
                         Value::List(l) => l.extend(items),
                         _ => return Err(self.malformed("APPENDS on a non-list")),

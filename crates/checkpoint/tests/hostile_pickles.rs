@@ -1,0 +1,94 @@
+//! Pickles built to crash or exhaust the reader: every one is refused with an error, quickly
+//! and within memory, instead of overflowing the stack or copying gigabytes.
+
+use mdeq_checkpoint::pickle::{load, MAX_DEPTH};
+use mdeq_checkpoint::read_state_dict;
+
+/// PROTO 2, `body`, STOP.
+fn pickle(body: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    p.extend_from_slice(body);
+    p.push(b'.');
+    p
+}
+
+fn refusal(bytes: &[u8]) -> mdeq_testkit::Result<String> {
+    match load(bytes, &mut 0) {
+        Ok(_) => mdeq_testkit::bail!("a hostile pickle of {} bytes was accepted", bytes.len()),
+        Err(e) => Ok(e.to_string()),
+    }
+}
+
+#[test]
+fn nesting_one_level_per_byte_is_refused_at_the_depth_limit() -> mdeq_testkit::Result {
+    // None wrapped in TUPLE1 two hundred thousand times: dropping such a value recursed once per
+    // level and overflowed the stack.
+    let mut body = vec![b'N'];
+    body.extend(std::iter::repeat_n(0x85, 200_000));
+    let err = refusal(&pickle(&body))?;
+    assert!(
+        err.contains(&format!("nested deeper than {MAX_DEPTH}")),
+        "{err}"
+    );
+    // Lists filled by APPEND nest the same way.
+    let mut body = vec![b']'];
+    for _ in 0..100_000 {
+        body.extend([b']', 0x94]); // a fresh list, memoized (cheap: it is empty)
+    }
+    body.extend(std::iter::repeat_n(b'a', 100_000));
+    let err = refusal(&pickle(&body))?;
+    assert!(err.contains("nested deeper"), "{err}");
+    // Nesting within the limit still loads.
+    let mut body = vec![b'N'];
+    body.extend(std::iter::repeat_n(0x85, MAX_DEPTH));
+    assert!(load(&pickle(&body), &mut 0).is_ok());
+    Ok(())
+}
+
+#[test]
+fn memo_amplification_is_refused() -> mdeq_testkit::Result {
+    // One 1 MiB string, memoized, then fetched 20,000 times: 20 GB of copies from 1.1 MB.
+    let mut body = vec![b'('];
+    body.push(b'X');
+    body.extend((1u32 << 20).to_le_bytes());
+    body.extend(std::iter::repeat_n(b'x', 1 << 20));
+    body.extend([b'q', 0]);
+    for _ in 0..20_000 {
+        body.extend([b'h', 0]);
+    }
+    body.push(b'l');
+    let err = refusal(&pickle(&body))?;
+    assert!(err.contains("memo amplification"), "{err}");
+    // "Billion laughs": each level a list of ten copies of the level below, memoized.
+    let mut body = vec![b']', b'q', 0];
+    for level in 1..=12u8 {
+        body.push(b'(');
+        for _ in 0..10 {
+            body.extend([b'h', level - 1]);
+        }
+        body.extend([b'l', b'q', level]);
+    }
+    assert!(body.len() < 600, "{} bytes", body.len());
+    let err = refusal(&pickle(&body))?;
+    assert!(err.contains("memo amplification"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_hostile_legacy_file_is_an_error_naming_it() -> mdeq_testkit::Result {
+    let dir = mdeq_testkit::scratch_dir("hostile-pickle")?;
+    let path = dir.join("deep.pth");
+    let mut body = vec![b'N'];
+    body.extend(std::iter::repeat_n(0x85, 200_000));
+    std::fs::write(&path, pickle(&body))?;
+    let err = read_state_dict(&path.display().to_string())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("deep.pth") && err.contains("nested deeper"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
