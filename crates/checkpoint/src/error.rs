@@ -11,12 +11,18 @@ pub struct KeyReport {
     pub unexpected: Vec<String>,
     /// (key, shape the model expects, shape found).
     pub misshaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Keys the file holds more than once (after stripping `model.`/`module.`): which one
+    /// would win is not the file's to decide silently.
+    pub duplicated: Vec<String>,
 }
 
 impl KeyReport {
     /// No problem found.
     pub fn is_clean(&self) -> bool {
-        self.missing.is_empty() && self.unexpected.is_empty() && self.misshaped.is_empty()
+        self.missing.is_empty()
+            && self.unexpected.is_empty()
+            && self.misshaped.is_empty()
+            && self.duplicated.is_empty()
     }
 }
 
@@ -31,6 +37,16 @@ impl std::fmt::Display for KeyReport {
         if !self.unexpected.is_empty() {
             writeln!(f, "  unexpected keys ({}):", self.unexpected.len())?;
             for k in &self.unexpected {
+                writeln!(f, "    {k}")?;
+            }
+        }
+        if !self.duplicated.is_empty() {
+            writeln!(
+                f,
+                "  keys given more than once ({}):",
+                self.duplicated.len()
+            )?;
+            for k in &self.duplicated {
                 writeln!(f, "    {k}")?;
             }
         }

@@ -34,6 +34,12 @@ pub fn normalize_keys(entries: StateDict) -> (StateDict, Vec<String>) {
 pub fn compare(model: &Mdeq, entries: &StateDict) -> KeyReport {
     let mut report = KeyReport::default();
     let store = model.store();
+    let mut seen = std::collections::HashSet::new();
+    for (k, _) in entries {
+        if !seen.insert(k.as_str()) && !report.duplicated.contains(k) {
+            report.duplicated.push(k.clone());
+        }
+    }
     for e in store.entries() {
         if !entries.iter().any(|(k, _)| *k == e.name) {
             report.missing.push(e.name.clone());
@@ -70,7 +76,6 @@ pub fn load_into(model: &Mdeq, entries: StateDict, path: &str) -> Result<(), Che
             .and_then(|t| t.to_device(e.var.device()))
             .and_then(|t| e.var.set(&t))
             .map_err(|err| CheckpointError::format(path, format!("key {k}: {err}")))?;
-        let _: () = ();
     }
     Ok(())
 }

@@ -289,22 +289,39 @@ fn materialize(
 ) -> Result<Tensor, CheckpointError> {
     let es = r.dtype.size();
     let err = |m: String| CheckpointError::format(path, format!("tensor {name}: {m}"));
-    if storage.len() < r.storage_numel * es {
+    let storage_bytes = r
+        .storage_numel
+        .checked_mul(es)
+        .ok_or_else(|| err(format!("storage of {} elements overflows", r.storage_numel)))?;
+    if storage.len() < storage_bytes {
         return Err(err(format!(
-            "storage holds {} bytes, expected {}",
-            storage.len(),
-            r.storage_numel * es
+            "storage holds {} bytes, expected {storage_bytes}",
+            storage.len()
         )));
     }
-    let numel: usize = r.shape.iter().product();
+    let numel = r
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| err(format!("shape {:?} overflows", r.shape)))?;
+    // A view may not hold more elements than its storage: stride-0 (broadcast) views would
+    // turn a few stored bytes into an allocation of any size, and a state dict has none.
+    if numel > r.storage_numel {
+        return Err(err(format!(
+            "shape {:?} has {numel} elements, more than its storage's {}",
+            r.shape, r.storage_numel
+        )));
+    }
     let mut out = Vec::with_capacity(numel * es);
     if numel > 0 {
-        let last = r.offset
-            + r.shape
-                .iter()
-                .zip(&r.stride)
-                .map(|(d, s)| (d - 1) * s)
-                .sum::<usize>();
+        let last = r
+            .shape
+            .iter()
+            .zip(&r.stride)
+            .try_fold(r.offset, |acc, (&d, &s)| {
+                (d - 1).checked_mul(s)?.checked_add(acc)
+            })
+            .ok_or_else(|| err(format!("strides {:?} overflow", r.stride)))?;
         if last >= r.storage_numel {
             return Err(err(format!(
                 "view reaches element {last} of a storage of {}",

@@ -92,3 +92,70 @@ fn a_hostile_legacy_file_is_an_error_naming_it() -> mdeq_testkit::Result {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+#[test]
+fn tensor_views_larger_than_their_storage_are_refused() -> mdeq_testkit::Result {
+    use mdeq_checkpoint::official::read_state_dict_bytes;
+    // A legacy-format file: magic, protocol, sys info, then a dict {"w": tensor} whose tensor
+    // views a one-element float storage through `shape` and `stride`, then the storage.
+    let legacy = |shape: &[u64], stride: &[u64]| -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend(pickle(
+            &[
+                &[0x8a, 10][..],
+                &[0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19],
+            ]
+            .concat(),
+        ));
+        f.extend(pickle(&[b'M', 0xe9, 0x03])); // 1001
+        f.extend(pickle(b"}"));
+        // LONG1 with 8 bytes: any non-negative i64.
+        let tuple = |xs: &[u64]| -> Vec<u8> {
+            let mut t = vec![b'('];
+            for &x in xs {
+                t.extend([0x8a, 8]);
+                t.extend(x.to_le_bytes());
+            }
+            t.push(b't');
+            t
+        };
+        let mut body = b"}X\x01\x00\x00\x00w".to_vec();
+        body.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        body.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01NtQ");
+        body.push(b'K');
+        body.push(0);
+        body.extend(tuple(shape));
+        body.extend(tuple(stride));
+        body.extend(b"\x89}tRs");
+        f.extend(pickle(&body));
+        f.extend(pickle(b"(X\x01\x00\x00\x000l"));
+        f.extend(1u64.to_le_bytes());
+        f.extend(1.5f32.to_le_bytes());
+        f
+    };
+    // The honest one-element tensor loads.
+    let ok = read_state_dict_bytes(&legacy(&[1], &[1]), "one.pth")?;
+    assert_eq!(ok[0].1.flatten_all()?.to_vec1::<f32>()?, vec![1.5]);
+    // A stride-0 view of 2^31 elements over that storage (8.6 GB as float32): refused.
+    let err = read_state_dict_bytes(&legacy(&[1 << 16, 1 << 15], &[0, 0]), "wide.pth")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("wide.pth") && err.contains("more than its storage"),
+        "{err}"
+    );
+    // Shapes whose element count overflows 64 bits: refused, not wrapped.
+    let err = read_state_dict_bytes(
+        &legacy(&[1 << 32, 1 << 32, 1 << 32], &[0, 0, 0]),
+        "huge.pth",
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("huge.pth") && err.contains("overflows"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -62,12 +62,16 @@ fn every_key_problem_is_reported_in_one_error() -> mdeq_testkit::Result {
         .unwrap();
     sd[i].1 = sd[i].1.narrow(0, 0, 5)?;
     sd.push(("surprise.weight".into(), sd[0].1.clone()));
+    // The same key twice, once behind a wrapper prefix: neither copy may silently win.
+    let first = sd[0].clone();
+    sd.push((format!("model.{}", first.0), first.1));
     let err = import::load_into(&model, sd, "bad.pth").unwrap_err();
     let CheckpointError::Keys { report, .. } = &err else {
         panic!("{err}")
     };
     assert_eq!(report.missing, vec!["classifier.bias".to_string()]);
     assert_eq!(report.unexpected, vec!["surprise.weight".to_string()]);
+    assert_eq!(report.duplicated, vec![first.0.clone()]);
     assert_eq!(
         report.misshaped,
         vec![("classifier.weight".to_string(), vec![10, 200], vec![5, 200])]
@@ -76,7 +80,8 @@ fn every_key_problem_is_reported_in_one_error() -> mdeq_testkit::Result {
     assert!(
         msg.contains("bad.pth")
             && msg.contains("classifier.bias")
-            && msg.contains("surprise.weight"),
+            && msg.contains("surprise.weight")
+            && msg.contains("more than once"),
         "{msg}"
     );
     Ok(())
