@@ -106,16 +106,25 @@ fn read_zip(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
             ));
         }
     }
-    let mut read_entry = |name: &str| -> Result<Vec<u8>, CheckpointError> {
-        let mut f = archive
+    // Entries are inflated up to what they must hold and one byte more, never to what their
+    // header claims: a small archive cannot make us allocate gigabytes.
+    let mut read_entry = |name: &str, limit: u64| -> Result<Vec<u8>, CheckpointError> {
+        let entry_err = |m: String| CheckpointError::format(path, format!("entry {name}: {m}"));
+        let f = archive
             .by_name(name)
-            .map_err(|e| CheckpointError::format(path, format!("entry {name}: {e}")))?;
+            .map_err(|e| entry_err(e.to_string()))?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .map_err(|e| CheckpointError::format(path, format!("entry {name}: {e}")))?;
+        f.take(limit.saturating_add(1))
+            .read_to_end(&mut buf)
+            .map_err(|e| entry_err(e.to_string()))?;
+        if buf.len() as u64 > limit {
+            return Err(entry_err(format!(
+                "holds more than the {limit} bytes it may"
+            )));
+        }
         Ok(buf)
     };
-    let pkl = read_entry(&pkl_name)?;
+    let pkl = read_entry(&pkl_name, MAX_PICKLE_BYTES)?;
     let mut pos = 0;
     let root = pickle::load(&pkl, &mut pos).map_err(|source| CheckpointError::Pickle {
         path: path.to_string(),
@@ -126,7 +135,10 @@ fn read_zip(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
     let mut out = Vec::with_capacity(refs.len());
     for (name, r) in refs {
         if !storages.contains_key(&r.storage_key) {
-            let data = read_entry(&format!("{prefix}data/{}", r.storage_key))?;
+            // The storage's own element count says how many bytes it holds (checked against
+            // the data in `materialize`).
+            let expected = (r.storage_numel as u64).saturating_mul(r.dtype.size() as u64);
+            let data = read_entry(&format!("{prefix}data/{}", r.storage_key), expected)?;
             storages.insert(r.storage_key.clone(), data);
         }
         out.push((
@@ -136,6 +148,9 @@ fn read_zip(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
     }
     Ok(out)
 }
+
+/// The largest `data.pkl` accepted: the pickle of a state dict is a few hundred bytes per tensor.
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
 
 /// Legacy magic number 0x1950a86a20f9469cfc6c, as pickled by torch (little-endian LONG1 bytes).
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];

@@ -159,3 +159,50 @@ fn tensor_views_larger_than_their_storage_are_refused() -> mdeq_testkit::Result 
     );
     Ok(())
 }
+
+#[test]
+fn zip_entries_are_inflated_only_to_what_they_must_hold() -> mdeq_testkit::Result {
+    use std::io::{Read, Write};
+    // The official zip fixture with one storage entry replaced by 64 MiB of deflated zeros
+    // (64 KB on disk): the reader stops a byte past the storage's 2,592 bytes.
+    let src = std::fs::read(mdeq_testkit::fixture("cls-tiny/state_dict.pth"))?;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(src))?;
+    let mut out = Vec::new();
+    {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(&mut out));
+        let deflate = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for i in 0..archive.len() {
+            let mut entry = archive.by_index(i)?;
+            let name = entry.name()?.to_string();
+            w.start_file(&name, deflate)?;
+            if name.ends_with("data/0") {
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..64 {
+                    w.write_all(&zeros)?;
+                }
+            } else {
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes)?;
+                w.write_all(&bytes)?;
+            }
+        }
+        w.finish()?;
+    }
+    assert!(
+        out.len() < 1 << 20,
+        "the archive is small: {} bytes",
+        out.len()
+    );
+    let err = mdeq_checkpoint::official::read_state_dict_bytes(&out, "bomb.pth")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bomb.pth")
+            && err.contains("data/0")
+            && err.contains("more than the 2592 bytes"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -63,7 +63,11 @@ fn every_key_problem_is_reported_in_one_error() -> mdeq_testkit::Result {
     sd[i].1 = sd[i].1.narrow(0, 0, 5)?;
     sd.push(("surprise.weight".into(), sd[0].1.clone()));
     // The same key twice, once behind a wrapper prefix: neither copy may silently win.
-    let first = sd[0].clone();
+    let first = sd
+        .iter()
+        .find(|(k, _)| k == "downsample.0.weight")
+        .cloned()
+        .context("the fixture has downsample.0.weight")?;
     sd.push((format!("model.{}", first.0), first.1));
     let err = import::load_into(&model, sd, "bad.pth").unwrap_err();
     let CheckpointError::Keys { report, .. } = &err else {
