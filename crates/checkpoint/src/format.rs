@@ -45,8 +45,11 @@ pub struct TrainingCheckpoint {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
+/// Writes `bytes` to `path` atomically: a fresh temporary file in the same directory (a random
+/// name, created exclusively, so nobody can plant a file or a symlink for us to write through),
+/// fsync, rename. Temporaries that dead processes left for the same target are removed first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    use std::hash::{BuildHasher, Hasher};
     let p = path.display().to_string();
     let io = |source| CheckpointError::Io {
         path: p.clone(),
@@ -58,14 +61,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         .unwrap_or(Path::new("."));
     let name = path
         .file_name()
-        .ok_or_else(|| CheckpointError::format(&p, "not a file path"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+        .ok_or_else(|| CheckpointError::format(&p, "not a file path"))?
+        .to_string_lossy()
+        .into_owned();
+    let prefix = format!(".{name}.tmp-");
+    remove_stale_temporaries(dir, &prefix);
+    // RandomState is seeded from the OS per process: an unpredictable name.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let tmp = dir.join(format!("{prefix}{}-{random:016x}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -78,6 +88,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// Removes `<dir>/<prefix><pid>-*` files whose process no longer runs (a `kill -9` during a
+/// write leaves a model-sized temporary behind). Best effort: where process liveness cannot be
+/// told (no /proc), nothing is removed.
+fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if is_file && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Serialises the model's state dict with `config` embedded, and the training state when given.

@@ -215,16 +215,43 @@ fn checkpoints_embed_their_config_and_round_trip() -> mdeq_testkit::Result {
 }
 
 #[test]
-fn a_failed_write_leaves_the_previous_checkpoint_intact() -> mdeq_testkit::Result {
-    let dir = std::env::temp_dir().join(format!("mdeq-atomic-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+fn a_failed_write_leaves_the_target_intact_and_no_temporary_behind() -> mdeq_testkit::Result {
+    let dir = mdeq_testkit::scratch_dir("atomic")?;
+    // The rename cannot replace a non-empty directory: the write fails, the directory and its
+    // content stay, and the temporary file is gone.
     let path = dir.join("last.safetensors");
-    format::write_atomic(&path, b"first")?;
-    // Make the rename impossible: the temporary file's directory entry is a directory.
-    let tmp = dir.join(format!(".last.safetensors.tmp-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(path.join("inside"))?;
     assert!(format::write_atomic(&path, b"second").is_err());
-    assert_eq!(std::fs::read(&path)?, b"first");
+    assert!(path.join("inside").is_dir());
+    let left: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+    assert_eq!(left.len(), 1, "{left:?}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn checkpoint_writes_cannot_be_redirected_and_clean_up_after_dead_writers() -> mdeq_testkit::Result
+{
+    let dir = mdeq_testkit::scratch_dir("atomic-hostile")?;
+    let path = dir.join("last.safetensors");
+    // Someone who can write the output folder plants symlinks at the temporary names the old
+    // writer used (`.<name>.tmp-<pid>`), pointing at a file of the user's.
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, b"precious")?;
+    let pid = std::process::id();
+    std::os::unix::fs::symlink(&victim, dir.join(format!(".last.safetensors.tmp-{pid}")))?;
+    format::write_atomic(&path, b"checkpoint")?;
+    assert_eq!(std::fs::read(&victim)?, b"precious");
+    assert_eq!(std::fs::read(&path)?, b"checkpoint");
+    // A temporary a killed process left (pid above the kernel's maximum: never alive) is
+    // removed by the next write; one of a live process (ours) is left alone.
+    let stale = dir.join(".last.safetensors.tmp-4294967-0123456789abcdef");
+    let live = dir.join(format!(".last.safetensors.tmp-{pid}-0123456789abcdef"));
+    std::fs::write(&stale, vec![0u8; 4096])?;
+    std::fs::write(&live, b"in flight")?;
+    format::write_atomic(&path, b"again")?;
+    assert!(!stale.exists(), "stale temporary left behind");
+    assert!(live.exists(), "a live writer's temporary was removed");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

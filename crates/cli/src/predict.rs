@@ -84,6 +84,9 @@ pub fn predict_images(
     let names = kind.class_names(cfg.model.num_classes);
     let rt = cfg.deq.runtime();
     let norm = kind.normalization();
+    if cfg.model.task == Task::Segmentation {
+        check_outputs(images, out)?;
+    }
     let mut preds = Vec::new();
     for path in images {
         let raw = decode_image(path, cfg.model.in_channels)?;
@@ -141,6 +144,53 @@ pub fn predict_images(
     Ok(preds)
 }
 
+/// The PNGs a segmentation prediction of `input` writes into `out`.
+fn output_paths(input: &Path, out: &Path) -> [PathBuf; 2] {
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    ["labels", "overlay"].map(|suffix| out.join(format!("{stem}_{suffix}.png")))
+}
+
+/// Refuses, before anything is written, outputs that two inputs would share (the same stem in
+/// different folders) or that would overwrite an input.
+fn check_outputs(images: &[PathBuf], out: &Path) -> Result<()> {
+    let canonical = |p: &Path| -> PathBuf {
+        // Outputs may not exist yet: canonicalise their folder and keep the file name.
+        match (
+            p.parent().and_then(|d| d.canonicalize().ok()),
+            p.file_name(),
+        ) {
+            (Some(dir), Some(name)) => dir.join(name),
+            _ => p.to_path_buf(),
+        }
+    };
+    let inputs: Vec<PathBuf> = images.iter().map(|p| canonical(p)).collect();
+    let mut planned: std::collections::HashMap<PathBuf, &Path> = Default::default();
+    for input in images {
+        for output in output_paths(input, out) {
+            let key = canonical(&output);
+            if let Some(other) = planned.insert(key.clone(), input) {
+                bail!(
+                    "{} and {} would both write {}: give them different names or predict them separately",
+                    other.display(),
+                    input.display(),
+                    output.display()
+                );
+            }
+            if inputs.contains(&key) {
+                bail!(
+                    "predicting {} would overwrite the input {}: choose another --out",
+                    input.display(),
+                    output.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `<stem>_labels.png` (palette colours) and `<stem>_overlay.png` (half image, half
 /// colours) into `out`.
 fn write_segmentation(
@@ -151,10 +201,6 @@ fn write_segmentation(
     palette: &[[u8; 3]],
 ) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let stem = input
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
     let (w, h) = (image.width as u32, image.height as u32);
     let colour = |i: usize| palette[classes[i] as usize % palette.len()];
     let labels = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(colour((y * w + x) as usize)));
@@ -166,8 +212,7 @@ fn write_segmentation(
         image::Rgb([0, 1, 2].map(|k| ((px(k) + col[k] as u16) / 2) as u8))
     });
     let mut written = Vec::new();
-    for (suffix, img) in [("labels", labels), ("overlay", overlay)] {
-        let path = out.join(format!("{stem}_{suffix}.png"));
+    for (path, img) in output_paths(input, out).into_iter().zip([labels, overlay]) {
         img.save(&path)
             .with_context(|| format!("writing {}", path.display()))?;
         written.push(path.display().to_string());

@@ -2,7 +2,7 @@
 //! test writes in the IDX layout: a classification recipe and a fashion-scenes segmentation
 //! recipe, each trained for a few steps, evaluated, and asked for predictions.
 
-use mdeq_testkit::{scratch_dir, tiny_classifier, write_toy_idx};
+use mdeq_testkit::{scratch_dir, tiny_classifier, write_toy_idx, Context};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -227,6 +227,28 @@ fn segmentation_train_eval_predict() -> mdeq_testkit::Result {
         let img = image::open(pred_dir.join(name))?;
         assert_eq!((img.width(), img.height()), (16, 16), "{name}");
     }
+    // Outputs two inputs would share, or that would overwrite an input, are refused before
+    // anything is written.
+    let twin = root.join("other").join("scene.png");
+    std::fs::create_dir_all(twin.parent().context("a parent")?)?;
+    std::fs::copy(&png, &twin)?;
+    let labels = pred_dir.join("scene_labels.png");
+    let before = std::fs::read(&labels)?;
+    for (inputs, expected) in [
+        ([s(&png), s(&twin)], "would both write"),
+        ([s(&png), s(&labels)], "would overwrite the input"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+            .args(["predict", "--checkpoint", s(&ckpt), "--out", s(&pred_dir)])
+            .args(inputs)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(&labels)?, before, "nothing was written");
     std::fs::remove_dir_all(root)?;
     Ok(())
 }
