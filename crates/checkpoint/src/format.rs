@@ -164,14 +164,30 @@ pub fn save(
     write_atomic(path, &bytes)
 }
 
-/// Loads a training checkpoint's weights into `model` and returns where the run stood, with
-/// the optimizer's tensors; a checkpoint that `mdeq train` did not write is an error naming it.
-pub fn load_training(path: &Path, model: &Mdeq) -> Result<TrainingCheckpoint, CheckpointError> {
+/// Loads a training checkpoint of the run `config` describes into `model` and returns where
+/// the run stood, with the optimizer's tensors. A checkpoint that `mdeq train` did not write,
+/// or that a different recipe wrote, is an error naming the file (and the settings that differ).
+pub fn load_training(
+    path: &Path,
+    model: &Mdeq,
+    config: &ExperimentConfig,
+) -> Result<TrainingCheckpoint, CheckpointError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: p.clone(),
         source,
     })?;
+    let written_by = read_config(&bytes, &p)?;
+    if written_by != *config {
+        return Err(CheckpointError::format(
+            &p,
+            format!(
+                "written by another recipe; resuming it with this one would mix two runs \
+                 (settings in the checkpoint / in the recipe):\n{}",
+                config_difference(&written_by, config)
+            ),
+        ));
+    }
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
         CheckpointError::format(
             &p,
@@ -233,4 +249,18 @@ pub fn load(
         .collect();
     load_into(&model, weights, &p)?;
     Ok((config, model))
+}
+
+/// The TOML lines in which two configs differ, `-` for `a`'s and `+` for `b`'s.
+fn config_difference(a: &ExperimentConfig, b: &ExperimentConfig) -> String {
+    let (ta, tb) = (a.to_toml_string(), b.to_toml_string());
+    let (la, lb): (Vec<&str>, Vec<&str>) = (ta.lines().collect(), tb.lines().collect());
+    let mut out = String::new();
+    for line in la.iter().filter(|l| !lb.contains(l)) {
+        out.push_str(&format!("  - {line}\n"));
+    }
+    for line in lb.iter().filter(|l| !la.contains(l)) {
+        out.push_str(&format!("  + {line}\n"));
+    }
+    out
 }

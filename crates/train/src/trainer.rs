@@ -109,7 +109,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     let best_path = opts.out.join("checkpoint-best.safetensors");
     let (mut step, mut best) = (0usize, 0f64);
     if opts.resume && last_path.exists() {
-        let resumed = format::load_training(&last_path, &model)?;
+        let resumed = format::load_training(&last_path, &model, cfg)?;
         let optimizer: HashMap<String, Tensor> = resumed.optimizer.into_iter().collect();
         opt.restore(resumed.state.optimizer_steps, &optimizer);
         (step, best) = (resumed.state.step, resumed.state.best_score);

@@ -292,3 +292,42 @@ fn an_empty_dataset_is_an_error_not_a_run_of_nothing() -> mdeq_testkit::Result {
     std::fs::remove_dir_all(root)?;
     Ok(())
 }
+
+#[test]
+fn resume_refuses_a_checkpoint_of_another_recipe_or_without_a_training_state(
+) -> mdeq_testkit::Result {
+    let root = mdeq_testkit::scratch_dir("resume-mismatch")?;
+    let data = root.join("data");
+    write_toy_idx(&data, 24)?;
+    let cfg = config();
+    train(&cfg, &opts(&data, root.join("run"), 2, false))?;
+    let mut other = cfg.clone();
+    other.train.lr = 0.02;
+    let err = match train(&other, &opts(&data, root.join("run"), 4, true)) {
+        Ok(_) => mdeq_testkit::bail!("resumed a run of another recipe"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("checkpoint-last.safetensors")
+            && err.contains("another recipe")
+            && err.contains("- lr = 0.01")
+            && err.contains("+ lr = 0.02"),
+        "{err}"
+    );
+    // A checkpoint written by `mdeq import` (weights and config only) cannot be resumed.
+    let model = mdeq_model::Mdeq::new(
+        &cfg.model,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        0,
+    )?;
+    let last = root.join("run/checkpoint-last.safetensors");
+    mdeq_checkpoint::format::save(&last, &model, &cfg, None)?;
+    let err = match train(&cfg, &opts(&data, root.join("run"), 4, true)) {
+        Ok(_) => mdeq_testkit::bail!("resumed a checkpoint without a training state"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("no training state"), "{err}");
+    std::fs::remove_dir_all(root)?;
+    Ok(())
+}
