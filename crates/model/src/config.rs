@@ -3,6 +3,24 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most branches a config may have (the official configs use 4; every branch halves the size).
+pub const MAX_BRANCHES: usize = 8;
+
+/// The environment variable that raises [`DEFAULT_MAX_PARAMETERS`].
+pub const MAX_PARAMETERS_VAR: &str = "MDEQ_MAX_PARAMETERS";
+
+/// The most trainable parameters a config may describe by default (ImageNet XL has 9.0e7): a
+/// config, perhaps inside a downloaded checkpoint, cannot make us allocate terabytes.
+pub const DEFAULT_MAX_PARAMETERS: u64 = 1 << 31;
+
+/// The parameter limit in force: [`MAX_PARAMETERS_VAR`] if set to a number, else the default.
+pub fn max_parameters() -> u64 {
+    std::env::var(MAX_PARAMETERS_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_PARAMETERS)
+}
+
 /// A model config that cannot describe a working MDEQ; the message names the field at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid model config: {0}")]
@@ -161,12 +179,73 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// An upper bound on the trainable parameters, computed before anything is allocated, with
+    /// checked arithmetic (`None`: beyond 2^64).
+    pub fn parameter_bound(&self) -> Option<u64> {
+        let c: Vec<u64> = self.num_channels.iter().map(|&c| c as u64).collect();
+        let e = self.expansion_factor as u64;
+        let k2 = 25; // the largest kernel, 5×5
+        let sq = |x: u64| x.checked_mul(x);
+        let c0 = *c.first()?;
+        let stem = checked_sum([
+            sq(c0)?.checked_mul(11),
+            c0.checked_mul(9 * self.in_channels as u64),
+        ])?;
+        let blocks = checked_sum(c.iter().map(|&ci| {
+            sq(ci)?
+                .checked_mul(e)?
+                .checked_mul(2 * k2 + 1)?
+                .checked_add(8 * e * ci)
+        }))?;
+        let fuse = checked_sum(c.iter().enumerate().flat_map(|(i, &ci)| {
+            c.iter()
+                .enumerate()
+                .map(move |(j, &cj)| sq(ci.max(cj))?.checked_mul(9 * (i.abs_diff(j) as u64 + 1)))
+        }))?;
+        let classes = self.num_classes as u64;
+        let head = match (&self.classification_head, &self.segmentation_head) {
+            (Some(h), _) => {
+                let hs: Vec<u64> = h.head_channels.iter().map(|&x| x as u64).collect();
+                let last = *hs.last()?;
+                let f = h.final_chansize as u64;
+                let per_branch = checked_sum(hs.iter().zip(&c).map(|(&hi, &ci)| {
+                    sq(hi)?
+                        .checked_mul(13)?
+                        .checked_add(hi.checked_mul(ci)?.checked_mul(5)?)
+                }))?;
+                let downsample = checked_sum(
+                    hs.windows(2)
+                        .map(|w| w[0].checked_mul(w[1])?.checked_mul(144)),
+                )?;
+                checked_sum([
+                    Some(per_branch),
+                    Some(downsample),
+                    last.checked_mul(4)?.checked_mul(f),
+                    f.checked_mul(classes + 4),
+                ])?
+            }
+            (None, Some(h)) => {
+                let total = c.iter().try_fold(0u64, |a, &x| a.checked_add(x))?;
+                let k = h.final_conv_kernel as u64;
+                sq(total)?
+                    .checked_add(total.checked_mul(classes)?.checked_mul(k.checked_mul(k)?)?)?
+            }
+            (None, None) => 0,
+        };
+        checked_sum([Some(stem), Some(blocks), Some(fuse), Some(head)])
+    }
+
     /// Validates internal consistency; every error names the field at fault.
     pub fn validate(&self) -> Result<(), InvalidModelConfig> {
         let n = self.num_branches();
         let bad = |m: String| Err(InvalidModelConfig(m));
         if n == 0 {
             return bad("num_channels must list at least one branch".into());
+        }
+        if n > MAX_BRANCHES {
+            return bad(format!(
+                "num_channels lists {n} branches; at most {MAX_BRANCHES} are supported (the official configs use 4)"
+            ));
         }
         if !self.num_blocks.is_empty() && self.num_blocks.len() != n {
             return bad(format!(
@@ -234,6 +313,24 @@ impl ModelConfig {
                 Some(_) => {}
             },
         }
+        let limit = max_parameters();
+        match self.parameter_bound() {
+            Some(p) if p <= limit => {}
+            bound => {
+                return bad(format!(
+                    "num_channels = {:?} with expansion_factor = {} and these heads describes {} \
+                     parameters, above the limit of {limit} (set {MAX_PARAMETERS_VAR} to raise it)",
+                    self.num_channels,
+                    self.expansion_factor,
+                    bound.map_or("more than 2^64".to_string(), |p| format!("up to {p}"))
+                ))
+            }
+        }
         Ok(())
     }
+}
+
+/// The sum of `xs`, or `None` if an item is `None` or the sum overflows.
+fn checked_sum(xs: impl IntoIterator<Item = Option<u64>>) -> Option<u64> {
+    xs.into_iter().try_fold(0u64, |acc, x| acc.checked_add(x?))
 }

@@ -4,7 +4,7 @@ use candle_core::{DType, Device};
 use mdeq_model::Mdeq;
 use mdeq_recipe::presets::{preset_or_error, PRESETS};
 use mdeq_recipe::ExperimentConfig;
-use mdeq_testkit::{fixture, fixture_str};
+use mdeq_testkit::{fixture, fixture_str, Context};
 
 /// Trainable parameters of every official config (reference §1.8, computed from the module structure).
 const COUNTS: &[(&str, usize, usize)] = &[
@@ -38,7 +38,50 @@ fn every_preset_has_the_official_parameter_count() -> mdeq_testkit::Result {
             (total, in_cell),
             "{name}"
         );
+        // The bound checked before allocating is a true upper bound, and not a loose one.
+        let bound = cfg.model.parameter_bound().context("bound")? as f64;
+        let ratio = bound / total as f64;
+        assert!(
+            (1.0..6.0).contains(&ratio),
+            "{name}: bound {bound} for {total}"
+        );
     }
+    Ok(())
+}
+
+#[test]
+fn models_too_large_to_allocate_are_refused_before_anything_is_allocated() -> mdeq_testkit::Result {
+    // A million channels per branch: about 10^14 parameters (the old behaviour was a 72 TB
+    // allocation abort); 300 branches overflowed a shift.
+    let text = PRESETS[0].1.replace(
+        "num_channels = [24, 24]",
+        "num_channels = [1000000, 1000000]",
+    );
+    let err = ExperimentConfig::from_toml_str(&text, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("above the limit") && err.contains("MDEQ_MAX_PARAMETERS"),
+        "{err}"
+    );
+    let many = vec!["24"; 300].join(", ");
+    let text = PRESETS[0].1.replace(
+        "num_channels = [24, 24]",
+        &format!("num_channels = [{many}]"),
+    );
+    let err = ExperimentConfig::from_toml_str(&text, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("300 branches"), "{err}");
+    // Sizes whose bound overflows 64 bits are refused too.
+    let text = PRESETS[0].1.replace(
+        "num_channels = [24, 24]",
+        "num_channels = [4294967296, 4294967296]",
+    );
+    let err = ExperimentConfig::from_toml_str(&text, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than 2^64"), "{err}");
     Ok(())
 }
 
