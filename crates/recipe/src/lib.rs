@@ -21,6 +21,9 @@ pub use train::{LrSchedule, OptimizerKind, TrainConfig};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The largest config file read (ours and the official ones are a few KB).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
 /// Errors raised while reading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,10 +92,24 @@ impl ExperimentConfig {
                 return cfg;
             }
         }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let io = |source| ConfigError::Io {
             path: spec.to_string(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(
+                std::fs::File::open(path).map_err(io)?,
+                MAX_CONFIG_BYTES as u64 + 1,
+            ),
+            &mut text,
+        )
+        .map_err(io)?;
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "{spec}: more than {MAX_CONFIG_BYTES} bytes; not a config file"
+            )));
+        }
         match path.extension().and_then(|e| e.to_str()) {
             Some("yaml") | Some("yml") => official_yaml::from_yaml_str(&text, spec),
             _ => Self::from_toml_str(&text, spec),

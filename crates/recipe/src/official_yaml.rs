@@ -92,8 +92,53 @@ impl<'a> Yaml<'a> {
     }
 }
 
+/// The largest YAML accepted (the official experiment files are about 2 KB).
+pub const MAX_YAML_BYTES: usize = crate::MAX_CONFIG_BYTES;
+/// The deepest nesting of flow collections (`[`, `{`) accepted: yacs files nest two levels,
+/// and the YAML parser's time grows with the square of the depth.
+pub const MAX_YAML_FLOW_DEPTH: usize = 32;
+
+/// Refuses text too large or too deeply nested to be a yacs file, before parsing it.
+fn precheck(text: &str, origin: &str) -> Result<(), ConfigError> {
+    let refuse = |message: String| ConfigError::Yaml {
+        path: origin.to_string(),
+        message,
+    };
+    if text.len() > MAX_YAML_BYTES {
+        return Err(refuse(format!(
+            "{} bytes, more than the {MAX_YAML_BYTES} a config may have",
+            text.len()
+        )));
+    }
+    let (mut depth, mut quote) = (0usize, None);
+    for (line, row) in text.lines().zip(1..) {
+        let mut comment = false;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '#') => comment = true,
+                _ if comment => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_YAML_FLOW_DEPTH {
+                        return Err(refuse(format!(
+                            "line {row}: collections nested deeper than {MAX_YAML_FLOW_DEPTH}"
+                        )));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses an official yacs YAML file into our typed config (official defaults fill the gaps).
 pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, ConfigError> {
+    precheck(text, origin)?;
     let root: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
         path: origin.to_string(),
         message: e.to_string(),
