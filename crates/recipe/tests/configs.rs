@@ -214,8 +214,15 @@ fn yaml_too_deep_or_too_large_is_refused_before_parsing() -> mdeq_testkit::Resul
     let deep = format!("A: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
     let started = std::time::Instant::now();
     let err = from_yaml_str(&deep, "deep.yaml").unwrap_err().to_string();
-    assert!(err.contains("deep.yaml") && err.contains("nested deeper"), "{err}");
-    assert!(started.elapsed().as_secs_f64() < 1.0, "{:?}", started.elapsed());
+    assert!(
+        err.contains("deep.yaml") && err.contains("nested deeper"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed().as_secs_f64() < 1.0,
+        "{:?}",
+        started.elapsed()
+    );
     // Brackets inside quotes and comments do not count; real nesting within the limit parses.
     let fine = format!(
         "DATASET:\n  ROOT: '[[[['  # {}\nMODEL:\n  EXTRA:\n    FULL_STAGE:\n      NUM_CHANNELS: {}24, 24{}\n",
@@ -223,14 +230,22 @@ fn yaml_too_deep_or_too_large_is_refused_before_parsing() -> mdeq_testkit::Resul
         "[".repeat(MAX_YAML_FLOW_DEPTH),
         "]".repeat(MAX_YAML_FLOW_DEPTH)
     );
-    let err = from_yaml_str(&fine, "fine.yaml").map(|_| ()).unwrap_err().to_string();
+    let err = from_yaml_str(&fine, "fine.yaml")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
     assert!(!err.contains("nested deeper"), "{err}");
     // Files above the size limit are not read whole.
     let dir = mdeq_testkit::scratch_dir("big-yaml")?;
     let big = dir.join("big.yaml");
     std::fs::write(&big, vec![b'#'; (1 << 20) + 10])?;
-    let err = ExperimentConfig::load(&big.display().to_string()).unwrap_err().to_string();
-    assert!(err.contains("big.yaml") && err.contains("not a config file"), "{err}");
+    let err = ExperimentConfig::load(&big.display().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("big.yaml") && err.contains("not a config file"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }

@@ -47,6 +47,13 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// Points a chart can show: finite, and small enough that the axis range stays finite (a
+/// resumed metrics.jsonl holding ±1e308 made the range infinite and the mesh loop forever).
+fn plottable(&(x, y): &(f64, f64)) -> bool {
+    const LIMIT: f64 = 1e100;
+    x.abs() <= LIMIT && y.abs() <= LIMIT
+}
+
 /// Draws `series` as lines with markers into a 900×600 PNG at `path`.
 pub fn line_chart(
     path: &Path,
@@ -57,9 +64,7 @@ pub fn line_chart(
 ) -> Result<()> {
     ensure_font()?;
     let points = series.iter().flat_map(|s| s.points.iter());
-    let finite: Vec<&(f64, f64)> = points
-        .filter(|(x, y)| x.is_finite() && y.is_finite())
-        .collect();
+    let finite: Vec<&(f64, f64)> = points.filter(|p| plottable(p)).collect();
     if finite.is_empty() {
         bail!("{}: nothing to plot", path.display());
     }
@@ -69,7 +74,7 @@ pub fn line_chart(
             .iter()
             .map(|p| f(p))
             .fold(f64::NEG_INFINITY, f64::max);
-        let pad = ((hi - lo) * 0.05).max(1e-9);
+        let pad = ((hi - lo) * 0.05).max(1e-9 * hi.abs().max(lo.abs()).max(1.0));
         (lo - pad)..(hi + pad)
     };
     let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
@@ -90,12 +95,7 @@ pub fn line_chart(
         .map_err(|e| draw(&e))?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .copied()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .collect();
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(plottable).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| draw(&e))?

@@ -200,3 +200,34 @@ fn non_finite_outputs_count_as_wrong_in_every_metric() -> mdeq_testkit::Result {
     assert_eq!(confusion.iou(), vec![1.0, 0.0]);
     Ok(())
 }
+
+#[test]
+fn charts_of_any_finite_or_non_finite_values_are_drawn() -> mdeq_testkit::Result {
+    use mdeq_train::plots::{line_chart, Series};
+    let dir = mdeq_testkit::scratch_dir("plots")?;
+    let path = dir.join("wild.png");
+    // ±1e308 once made the axis range infinite and the drawing loop forever.
+    let series = [Series {
+        name: "loss".into(),
+        points: vec![
+            (1.0, 0.5),
+            (2.0, 1e308),
+            (3.0, -1e308),
+            (4.0, f64::NAN),
+            (f64::INFINITY, 0.2),
+            (5.0, 0.25),
+        ],
+    }];
+    let started = std::time::Instant::now();
+    line_chart(&path, "wild", "step", "loss", &series)?;
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    assert!(std::fs::read(&path)?.starts_with(b"\x89PNG"));
+    // A single point, or a flat line, still gets a non-empty range.
+    let flat = [Series {
+        name: "acc".into(),
+        points: vec![(1.0, 1e99), (2.0, 1e99)],
+    }];
+    line_chart(&dir.join("flat.png"), "flat", "step", "acc", &flat)?;
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
