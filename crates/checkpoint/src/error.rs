@@ -64,14 +64,11 @@ impl std::fmt::Display for KeyReport {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// File system error.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     /// Pickle content refused or corrupt.
-    #[error("{path}: {source}")]
-    Pickle { path: String, source: PickleError },
+    #[error("{path}: {cause}")]
+    Pickle { path: String, cause: PickleError },
     /// Anything else wrong with the file's structure or contents.
     #[error("{path}: {message}")]
     Format { path: String, message: String },

@@ -53,7 +53,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let p = path.display().to_string();
     let io = |source| CheckpointError::Io {
         path: p.clone(),
-        source,
+        cause: source,
     };
     let dir = path
         .parent()
@@ -175,7 +175,7 @@ pub fn load_training(
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: p.clone(),
-        source,
+        cause: source,
     })?;
     let written_by = read_config(&bytes, &p)?;
     if written_by != *config {
@@ -238,7 +238,7 @@ pub fn load(
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: p.clone(),
-        source,
+        cause: source,
     })?;
     let config = read_config(&bytes, &p)?;
     let model = Mdeq::new(&config.model, dtype, device, 0)

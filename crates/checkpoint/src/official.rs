@@ -54,7 +54,7 @@ fn is_safetensors(bytes: &[u8]) -> bool {
 pub fn read_state_dict(path: &str) -> Result<StateDict, CheckpointError> {
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: path.to_string(),
-        source,
+        cause: source,
     })?;
     read_state_dict_bytes(&bytes, path)
 }
@@ -128,7 +128,7 @@ fn read_zip(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
     let mut pos = 0;
     let root = pickle::load(&pkl, &mut pos).map_err(|source| CheckpointError::Pickle {
         path: path.to_string(),
-        source,
+        cause: source,
     })?;
     let refs = tensor_refs(root, path)?;
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
@@ -158,7 +158,7 @@ const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 
 fn read_legacy(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointError> {
     let perr = |source| CheckpointError::Pickle {
         path: path.to_string(),
-        source,
+        cause: source,
     };
     let mut pos = 0;
     match pickle::load(bytes, &mut pos).map_err(perr)? {

@@ -295,3 +295,44 @@ fn bench_times_every_figure_and_prints_its_json_report() -> mdeq_testkit::Result
     assert_eq!(report["ratio"], serde_json::json!({}));
     Ok(())
 }
+
+#[test]
+fn a_bad_file_gives_one_error_line_naming_it_and_exit_status_2() -> mdeq_testkit::Result {
+    let root = scratch_dir("cli-errors")?;
+    let bad = root.join("bad.pth");
+    std::fs::write(&bad, b"\x80\x02(")?;
+    let out_path = root.join("out.safetensors");
+    let (missing_toml, missing_ckpt) =
+        (root.join("missing.toml"), root.join("missing.safetensors"));
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "import",
+                "--config",
+                "cifar-tiny",
+                s(&bad),
+                "-o",
+                s(&out_path),
+            ],
+            "truncated pickle",
+        ),
+        (vec!["info", s(&missing_toml)], "No such file"),
+        (
+            vec!["eval", "--checkpoint", s(&missing_ckpt)],
+            "No such file",
+        ),
+    ];
+    for (args, cause) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+            .args(&args)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(cause).count(), 1, "printed once: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(!out_path.exists());
+    std::fs::remove_dir_all(root)?;
+    Ok(())
+}

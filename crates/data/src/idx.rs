@@ -74,7 +74,7 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
     }
     Err(DataError::Io {
         path: dir.join(stem).display().to_string(),
-        source: std::io::Error::new(
+        cause: std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "neither the file nor its .gz exists",
         ),
@@ -91,7 +91,7 @@ fn read(path: &Path, dims: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let p = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
         path: p.clone(),
-        source,
+        cause: source,
     })?;
     let mut input: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))

@@ -26,11 +26,8 @@ pub const IGNORE_LABEL: u8 = 255;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// File system error.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     /// Malformed content.
     #[error("{path}: {message}")]
     Format { path: String, message: String },
@@ -49,7 +46,7 @@ impl DataError {
     pub fn io(path: impl std::fmt::Display, source: std::io::Error) -> Self {
         DataError::Io {
             path: path.to_string(),
-            source,
+            cause: source,
         }
     }
 }

@@ -27,11 +27,8 @@ pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 /// Errors raised while reading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read config {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("invalid TOML config {path}: {message}")]
     Toml { path: String, message: String },
     #[error("invalid YAML config {path}: {message}")]
@@ -94,7 +91,7 @@ impl ExperimentConfig {
         }
         let io = |source| ConfigError::Io {
             path: spec.to_string(),
-            source,
+            cause: source,
         };
         let mut text = String::new();
         std::io::Read::read_to_string(
