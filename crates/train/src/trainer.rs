@@ -8,7 +8,7 @@ use crate::evaluate::{batch_score, evaluate, EvalMode, EvalResult};
 use crate::optimizer::Optimizer;
 use crate::run_log::{RunLog, StepRecord};
 use crate::step::{train_step, Phase, StepPlan};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use mdeq_checkpoint::format::{self, TrainingCheckpoint, TrainingState};
 use mdeq_data::Split;
@@ -103,6 +103,12 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     let mut opt = Optimizer::new(&cfg.train, params.len());
     let batch_size = opts.batch_size.unwrap_or(cfg.train.batch_size);
     let epochs = opts.epochs.unwrap_or(cfg.train.epochs);
+    if batch_size == 0 || epochs == 0 || opts.log_every == 0 {
+        bail!(
+            "--batch-size ({batch_size}), --epochs ({epochs}) and --log-every ({}) must be positive",
+            opts.log_every
+        );
+    }
     let per_epoch = train_set.dataset.len().div_ceil(batch_size);
     let total = per_epoch * epochs;
     let last_path = opts.out.join("checkpoint-last.safetensors");

@@ -331,3 +331,34 @@ fn resume_refuses_a_checkpoint_of_another_recipe_or_without_a_training_state(
     std::fs::remove_dir_all(root)?;
     Ok(())
 }
+
+#[test]
+fn zero_batch_size_or_epochs_are_errors_not_a_division_by_zero() -> mdeq_testkit::Result {
+    let root = mdeq_testkit::scratch_dir("zero-batch")?;
+    let data = root.join("data");
+    write_toy_idx(&data, 8)?;
+    for (batch, epochs) in [(Some(0), None), (None, Some(0))] {
+        let mut o = opts(&data, root.join("run"), 2, false);
+        (o.batch_size, o.epochs) = (batch, epochs);
+        let err = match train(&config(), &o) {
+            Ok(_) => mdeq_testkit::bail!("trained with batch {batch:?}, epochs {epochs:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("must be positive"), "{err}");
+    }
+    // The recipe itself cannot say 0 either.
+    let mut cfg = config();
+    cfg.train.batch_size = 0;
+    let err = mdeq_recipe::ExperimentConfig::from_toml_str(&cfg.to_toml_string(), "zero.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.batch_size = 0"), "{err}");
+    cfg.train.batch_size = 4;
+    cfg.train.lr = -1.0;
+    let err = mdeq_recipe::ExperimentConfig::from_toml_str(&cfg.to_toml_string(), "neg.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.lr = -1"), "{err}");
+    std::fs::remove_dir_all(root)?;
+    Ok(())
+}
