@@ -4,8 +4,6 @@
 use mdeq_recipe::presets::PRESETS;
 use mdeq_recipe::{ConfigError, ExperimentConfig, SolverKind};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
 /// cifar-tiny's TOML with its `[deq]` solver lines replaced by `deq_lines`.
 fn with_solvers(deq_lines: &str) -> String {
     PRESETS[0]
@@ -18,7 +16,7 @@ fn parse(text: &str) -> Result<ExperimentConfig, ConfigError> {
 }
 
 #[test]
-fn solver_tables_set_every_parameter_and_reach_the_runtime() -> TestResult {
+fn solver_tables_set_every_parameter_and_reach_the_runtime() -> mdeq_testkit::Result {
     let cfg = parse(&with_solvers(
         "f_solver = { kind = \"broyden\", max_pairs = 8, max_history_bytes = 100000000 }\n\
          b_solver = { kind = \"anderson\", m = 4, lambda = 0.01, beta = 0.5 }\n\
@@ -54,7 +52,7 @@ fn solver_tables_set_every_parameter_and_reach_the_runtime() -> TestResult {
 }
 
 #[test]
-fn solver_mistakes_are_errors_naming_the_solver_and_key() -> TestResult {
+fn solver_mistakes_are_errors_naming_the_solver_and_key() -> mdeq_testkit::Result {
     for (lines, expected) in [
         ("f_solver = \"broyd\"", "unknown solver 'broyd'"),
         (
@@ -75,17 +73,14 @@ fn solver_mistakes_are_errors_naming_the_solver_and_key() -> TestResult {
             "fixed_point.tau = 1.5 must be in (0, 1]",
         ),
     ] {
-        let err = match parse(&with_solvers(lines)) {
-            Ok(_) => return Err(format!("{lines}: accepted").into()),
-            Err(e) => e.to_string(),
-        };
+        let err = mdeq_testkit::error_text(lines, parse(&with_solvers(lines)))?;
         assert!(err.contains(expected), "{lines}: {err}");
     }
     Ok(())
 }
 
 #[test]
-fn solver_settings_out_of_range_are_refused_with_the_key_named() -> TestResult {
+fn solver_settings_out_of_range_are_refused_with_the_key_named() -> mdeq_testkit::Result {
     let base = PRESETS[0].1;
     for (from, to, expected) in [
         ("eps = 0.001", "eps = nan", "deq.eps = NaN"),
@@ -103,17 +98,14 @@ fn solver_settings_out_of_range_are_refused_with_the_key_named() -> TestResult {
         ),
     ] {
         assert!(base.contains(from), "the preset has no '{from}'");
-        let err = match parse(&base.replace(from, to)) {
-            Ok(_) => return Err(format!("{to}: accepted").into()),
-            Err(e) => e.to_string(),
-        };
+        let err = mdeq_testkit::error_text(to, parse(&base.replace(from, to)))?;
         assert!(err.contains(expected), "{to}: {err}");
     }
     Ok(())
 }
 
 #[test]
-fn omitted_deq_keys_take_the_one_default() -> TestResult {
+fn omitted_deq_keys_take_the_one_default() -> mdeq_testkit::Result {
     // Without the solver lines, the section falls back to `DeqConfig::default()`.
     let cfg = parse(&with_solvers(""))?;
     let defaults = mdeq_recipe::DeqConfig::default();

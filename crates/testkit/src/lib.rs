@@ -144,3 +144,15 @@ pub fn scratch_dir(tag: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// The message (with its causes) of the error `result` must be; its success is a test failure
+/// that says `what` was wrongly accepted.
+pub fn error_text<T, E: Into<anyhow::Error>>(
+    what: &str,
+    result: std::result::Result<T, E>,
+) -> Result<String> {
+    match result {
+        Ok(_) => bail!("{what}: accepted, expected an error"),
+        Err(e) => Ok(format!("{:#}", e.into())),
+    }
+}

@@ -2,7 +2,7 @@
 //! written, and a run interrupted and resumed ends bit-for-bit where an uninterrupted one does.
 
 use mdeq_recipe::ExperimentConfig;
-use mdeq_testkit::{tiny_classifier, write_toy_idx};
+use mdeq_testkit::{error_text, tiny_classifier, write_toy_idx};
 use mdeq_train::step::{jacobian_penalty, jittered_threshold};
 use mdeq_train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -158,7 +158,7 @@ fn jacobian_loss_follows_the_official_schedule_and_is_logged() -> mdeq_testkit::
 
 #[test]
 fn forward_threshold_is_jittered_on_jacobian_loss_steps_as_the_official_code_does(
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> mdeq_testkit::Result {
     let mut cfg = config();
     cfg.deq.f_thres = 18;
     cfg.deq.rand_f_thres_delta = 2;
@@ -196,7 +196,7 @@ fn forward_threshold_is_jittered_on_jacobian_loss_steps_as_the_official_code_doe
         let v: serde_json::Value = serde_json::from_str(line)?;
         let (step, forward) = (v["step"].as_u64(), v["forward_steps"].as_u64());
         let (Some(step), Some(forward)) = (step, forward) else {
-            return Err(format!("step line without steps: {line}").into());
+            mdeq_testkit::bail!("step line without steps: {line}");
         };
         // The log's step counts steps taken, the draw is keyed by the step's index.
         assert_eq!(
@@ -224,15 +224,7 @@ fn a_diverging_run_stops_with_an_error_and_never_checkpoints_non_finite_weights(
     write_toy_idx(&data, 24)?;
     let mut o = opts(&data, root.join("run"), 12, false);
     o.eval_limit = Some(8);
-    let err = match train(&cfg, &o) {
-        Ok(s) => {
-            return Err(mdeq_testkit::anyhow::anyhow!(
-                "trained {} steps at lr 1e30",
-                s.steps
-            ))
-        }
-        Err(e) => format!("{e:#}"),
-    };
+    let err = error_text("training at lr 1e30", train(&cfg, &o))?;
     assert!(
         err.contains("non-finite") || err.contains("the loss is"),
         "{err}"
@@ -281,10 +273,10 @@ fn an_empty_dataset_is_an_error_not_a_run_of_nothing() -> mdeq_testkit::Result {
     let root = mdeq_testkit::scratch_dir("empty-data")?;
     let data = root.join("data");
     write_toy_idx(&data, 0)?;
-    let err = match train(&config(), &opts(&data, root.join("run"), 2, false)) {
-        Ok(s) => mdeq_testkit::bail!("trained {} steps on no data", s.steps),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = error_text(
+        "training on no data",
+        train(&config(), &opts(&data, root.join("run"), 2, false)),
+    )?;
     assert!(
         err.contains("holds no samples") && err.contains("data"),
         "{err}"
@@ -303,10 +295,10 @@ fn resume_refuses_a_checkpoint_of_another_recipe_or_without_a_training_state(
     train(&cfg, &opts(&data, root.join("run"), 2, false))?;
     let mut other = cfg.clone();
     other.train.lr = 0.02;
-    let err = match train(&other, &opts(&data, root.join("run"), 4, true)) {
-        Ok(_) => mdeq_testkit::bail!("resumed a run of another recipe"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = error_text(
+        "resuming another recipe's run",
+        train(&other, &opts(&data, root.join("run"), 4, true)),
+    )?;
     assert!(
         err.contains("checkpoint-last.safetensors")
             && err.contains("another recipe")
@@ -323,10 +315,10 @@ fn resume_refuses_a_checkpoint_of_another_recipe_or_without_a_training_state(
     )?;
     let last = root.join("run/checkpoint-last.safetensors");
     mdeq_checkpoint::format::save(&last, &model, &cfg, None)?;
-    let err = match train(&cfg, &opts(&data, root.join("run"), 4, true)) {
-        Ok(_) => mdeq_testkit::bail!("resumed a checkpoint without a training state"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = error_text(
+        "resuming without a training state",
+        train(&cfg, &opts(&data, root.join("run"), 4, true)),
+    )?;
     assert!(err.contains("no training state"), "{err}");
     std::fs::remove_dir_all(root)?;
     Ok(())
@@ -340,10 +332,10 @@ fn zero_batch_size_or_epochs_are_errors_not_a_division_by_zero() -> mdeq_testkit
     for (batch, epochs) in [(Some(0), None), (None, Some(0))] {
         let mut o = opts(&data, root.join("run"), 2, false);
         (o.batch_size, o.epochs) = (batch, epochs);
-        let err = match train(&config(), &o) {
-            Ok(_) => mdeq_testkit::bail!("trained with batch {batch:?}, epochs {epochs:?}"),
-            Err(e) => format!("{e:#}"),
-        };
+        let err = error_text(
+            &format!("batch {batch:?}, epochs {epochs:?}"),
+            train(&config(), &o),
+        )?;
         assert!(err.contains("must be positive"), "{err}");
     }
     // The recipe itself cannot say 0 either.
