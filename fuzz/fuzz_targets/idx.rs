@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
     if gz {
         let mut enc = flate2_encoder();
         let _ = enc.write_all(bytes);
-        let _ = std::fs::write(dir.join(format!("{images}.gz")), enc.finish().unwrap_or_default());
+        let _ = std::fs::write(
+            dir.join(format!("{images}.gz")),
+            enc.finish().unwrap_or_default(),
+        );
     } else {
         let _ = std::fs::write(dir.join(images), bytes);
     }
