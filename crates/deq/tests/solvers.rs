@@ -595,3 +595,31 @@ fn capped_broyden_history_matches_a_plain_reference() -> mdeq_testkit::Result {
     }
     Ok(())
 }
+
+#[test]
+fn broyden_history_is_bounded_by_default_but_never_below_official_settings() -> mdeq_testkit::Result
+{
+    use mdeq_deq::solver::broyden::{history_cap, BroydenOptions, DEFAULT_MAX_HISTORY_BYTES};
+    let uncapped = BroydenOptions::default();
+    // Official settings keep their threshold's worth of pairs: ImageNet SMALL (B = 32,
+    // D = 188,160, T = 27) and Cityscapes XL on a full frame (B = 1, D = 21,626,880 for
+    // channels 88/176/352/704 at 256×512 … 32×64, T = 27), in float32.
+    assert_eq!(history_cap(32, 188_160, 4, 27, &uncapped), 27);
+    let xl = 88 * 256 * 512 + 176 * 128 * 256 + 352 * 64 * 128 + 704 * 32 * 64;
+    assert_eq!(xl, 21_626_880);
+    assert_eq!(history_cap(1, xl, 4, 27, &uncapped), 27);
+    // A runaway threshold is bounded by the default: 8 GiB / (2 · 256 · 4704 · 4 bytes).
+    let pair = 2 * 256 * 4704 * 4;
+    assert_eq!(
+        history_cap(256, 4704, 4, 10_000, &uncapped),
+        DEFAULT_MAX_HISTORY_BYTES / pair
+    );
+    assert_eq!(DEFAULT_MAX_HISTORY_BYTES / pair, 891);
+    // Explicit caps still rule.
+    let capped = BroydenOptions {
+        max_pairs: Some(8),
+        max_history_bytes: Some(3 * pair),
+    };
+    assert_eq!(history_cap(256, 4704, 4, 10_000, &capped), 3);
+    Ok(())
+}

@@ -15,8 +15,30 @@ use std::collections::VecDeque;
 pub struct BroydenOptions {
     /// Maximum stored (u, v) pairs; None: the threshold.
     pub max_pairs: Option<usize>,
-    /// Maximum bytes of stored pairs.
+    /// Maximum bytes of stored pairs; None: [`DEFAULT_MAX_HISTORY_BYTES`].
     pub max_history_bytes: Option<usize>,
+}
+
+/// The history's size when no cap is set: 8 GiB, above every official setting (the largest,
+/// Cityscapes XL on a full 1024×2048 frame at batch 1, needs 4.7 GB for its 27 pairs), so only
+/// runaway thresholds are bounded by it.
+pub const DEFAULT_MAX_HISTORY_BYTES: usize = 8 << 30;
+
+/// How many (u, v) pairs a solve of a (batch, dim) state of `element_bytes`-byte floats keeps.
+pub fn history_cap(
+    batch: usize,
+    dim: usize,
+    element_bytes: usize,
+    threshold: usize,
+    bopts: &BroydenOptions,
+) -> usize {
+    let pair_bytes = 2usize
+        .saturating_mul(batch)
+        .saturating_mul(dim)
+        .saturating_mul(element_bytes)
+        .max(1);
+    let bytes = bopts.max_history_bytes.unwrap_or(DEFAULT_MAX_HISTORY_BYTES);
+    bopts.max_pairs.unwrap_or(threshold).min(bytes / pair_bytes)
 }
 
 /// Per-sample dot products of (B, D) tensors, shaped (B, 1).
@@ -97,10 +119,7 @@ pub fn solve(
     bopts: &BroydenOptions,
 ) -> Result<Solution> {
     let (b, d) = z0.dims2()?;
-    let mut cap = bopts.max_pairs.unwrap_or(opts.threshold);
-    if let Some(bytes) = bopts.max_history_bytes {
-        cap = cap.min(bytes / (2 * b * d * z0.dtype().size_in_bytes()).max(1));
-    }
+    let cap = history_cap(b, d, z0.dtype().size_in_bytes(), opts.threshold, bopts);
     let mut history = LowRank {
         pairs: VecDeque::new(),
         cap,
