@@ -115,7 +115,6 @@ fn bad_files_give_errors_naming_the_file() -> mdeq_testkit::Result {
 #[test]
 fn headers_cannot_make_the_reader_inflate_or_allocate_more_than_the_file_holds(
 ) -> mdeq_testkit::Result {
-    use std::io::Write;
     let dir = mdeq_testkit::scratch_dir("idx-hostile")?;
     let labels = idx_bytes(&[2], &[0, 1]);
     write(&dir, "train-labels-idx1-ubyte", &labels, false);
@@ -145,16 +144,10 @@ fn headers_cannot_make_the_reader_inflate_or_allocate_more_than_the_file_holds(
         "{}",
         open_err()
     );
-    // A gzip bomb: a small header claiming 2×4×4 images followed by 64 MiB of zeros. The reader
+    // A gzip bomb: a small header claiming 2 images of 8×8, then 64 MiB of zeros. The reader
     // stops one byte past the claim instead of inflating everything.
     std::fs::remove_file(&images)?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&idx_bytes(&[2, 4, 4], &[7; 32]))?;
-    let zeros = vec![0u8; 1 << 20];
-    for _ in 0..64 {
-        gz.write_all(&zeros)?;
-    }
-    let bomb = gz.finish()?;
+    let bomb = mdeq_testkit::hostile::gz_idx_bomb(2, 64)?;
     assert!(
         bomb.len() < 1 << 20,
         "the bomb is small: {} bytes",
@@ -163,7 +156,7 @@ fn headers_cannot_make_the_reader_inflate_or_allocate_more_than_the_file_holds(
     std::fs::write(dir.join("train-images-idx3-ubyte.gz"), &bomb)?;
     let err = open_err();
     assert!(
-        err.contains("promises 32 bytes") && err.contains("or more"),
+        err.contains("promises 128 bytes") && err.contains("or more"),
         "{err}"
     );
     std::fs::remove_dir_all(dir)?;

@@ -39,10 +39,8 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
-    #[error(transparent)]
-    Model(#[from] InvalidModelConfig),
-    #[error("invalid config: {0}")]
-    Invalid(String),
+    #[error("invalid config {path}: {message}")]
+    Invalid { path: String, message: String },
     #[error("unknown preset '{0}'; known presets: {1}")]
     UnknownPreset(String, String),
 }
@@ -72,7 +70,7 @@ impl ExperimentConfig {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        cfg.validate()?;
+        cfg.validate_in(origin)?;
         Ok(cfg)
     }
 
@@ -103,9 +101,10 @@ impl ExperimentConfig {
         )
         .map_err(io)?;
         if text.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::Invalid(format!(
-                "{spec}: more than {MAX_CONFIG_BYTES} bytes; not a config file"
-            )));
+            return Err(ConfigError::Invalid {
+                path: spec.to_string(),
+                message: format!("more than {MAX_CONFIG_BYTES} bytes; not a config file"),
+            });
         }
         match path.extension().and_then(|e| e.to_str()) {
             Some("yaml") | Some("yml") => official_yaml::from_yaml_str(&text, spec),
@@ -113,11 +112,18 @@ impl ExperimentConfig {
         }
     }
 
-    /// Validates every component.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.model.validate()?;
-        self.deq.validate().map_err(ConfigError::Invalid)?;
-        self.train.validate().map_err(ConfigError::Invalid)?;
-        Ok(())
+    /// Validates every component; the message names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate().map_err(|e| e.to_string())?;
+        self.deq.validate()?;
+        self.train.validate()
+    }
+
+    /// [`Self::validate`], the error naming `origin` (the file the config came from).
+    pub fn validate_in(&self, origin: &str) -> Result<(), ConfigError> {
+        self.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        })
     }
 }

@@ -334,6 +334,6 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
         train,
         data,
     };
-    cfg.validate()?;
+    cfg.validate_in(origin)?;
     Ok(cfg)
 }

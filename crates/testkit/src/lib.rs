@@ -1,6 +1,8 @@
 //! What the workspace's tests share, so that no test file keeps its own copy: the fixture
 //! folder, deterministic tensors, relative errors, the tiny recipes and a toy IDX dataset.
 
+pub mod hostile;
+
 use candle_core::{DType, Device, Shape, Tensor};
 use mdeq_data::Split;
 use mdeq_recipe::{
