@@ -29,7 +29,6 @@ fn linear_vjp(lambda: [f64; D]) -> impl FnMut(&Tensor) -> candle_core::Result<Te
     move |v: &Tensor| v.matmul(&jt)
 }
 
-#[test]
 fn power_iteration_finds_the_dominant_eigenvalue() -> mdeq_testkit::Result {
     let lambda = [-2.5, 0.9, 0.3, -0.2, 0.1];
     let mut vjp = linear_vjp(lambda);
@@ -41,7 +40,6 @@ fn power_iteration_finds_the_dominant_eigenvalue() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn hutchinson_estimates_the_frobenius_norm_and_converges() -> mdeq_testkit::Result {
     let lambda = [1.5, -1.0, 0.5, 0.25, 2.0];
     // ‖J‖²_F = Σ λ² (J is orthogonally similar to diag(λ)), per sample; the estimator divides by B·D.
@@ -96,7 +94,6 @@ fn tanh_setup() -> (Var, Tensor) {
     )
 }
 
-#[test]
 fn finite_difference_penalty_estimates_the_frobenius_norm() -> mdeq_testkit::Result {
     let (w, z) = tanh_setup();
     // Exact: ∂f_i/∂z_j = (1 − t_i²) W_ji, so ‖J_b‖²_F = Σ_i (1 − t_i²)² Σ_j W_ji².
@@ -122,7 +119,6 @@ fn finite_difference_penalty_estimates_the_frobenius_norm() -> mdeq_testkit::Res
     Ok(())
 }
 
-#[test]
 fn finite_difference_penalty_trains_the_parameters() -> mdeq_testkit::Result {
     let (w, z) = tanh_setup();
     // With fixed probes (same seed) the penalty is a smooth function of W: its backprop gradient
@@ -153,3 +149,10 @@ fn finite_difference_penalty_trains_the_parameters() -> mdeq_testkit::Result {
     }
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(
+    power_iteration_finds_the_dominant_eigenvalue,
+    hutchinson_estimates_the_frobenius_norm_and_converges,
+    finite_difference_penalty_estimates_the_frobenius_norm,
+    finite_difference_penalty_trains_the_parameters,
+);

@@ -78,7 +78,6 @@ fn direct_solve(a: &[f64], b: &[f64]) -> Vec<f64> {
     (0..D).map(|i| m[i][D] / m[i][i]).collect()
 }
 
-#[test]
 fn every_solver_finds_the_fixed_point_of_a_linear_map() -> mdeq_testkit::Result {
     let a = contraction(0.8);
     let bv: Vec<f64> = (0..D).map(|i| i as f64 * 0.3 - 0.7).collect();
@@ -100,7 +99,6 @@ fn every_solver_finds_the_fixed_point_of_a_linear_map() -> mdeq_testkit::Result 
     Ok(())
 }
 
-#[test]
 fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() -> mdeq_testkit::Result {
     // Eigenvalues 0.97, 0.87, ...: plain iteration needs ~800 steps for 1e-10.
     let a: Vec<f64> = (0..D * D)
@@ -131,7 +129,6 @@ fn broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction() -> mdeq_
     Ok(())
 }
 
-#[test]
 fn per_sample_answers_do_not_depend_on_the_batch() -> mdeq_testkit::Result {
     let a = contraction(0.9);
     let rows: Vec<Vec<f64>> = (0..3)
@@ -167,7 +164,6 @@ fn per_sample_answers_do_not_depend_on_the_batch() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn official_coupling_uses_whole_batch_norms() -> mdeq_testkit::Result {
     let a = contraction(0.5);
     let b = Tensor::from_vec(
@@ -196,7 +192,6 @@ fn official_coupling_uses_whole_batch_norms() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn anderson_survives_a_rank_deficient_history() -> mdeq_testkit::Result {
     // All residuals lie on one line, so the Gram matrix of the history is rank one.
     let dir = Tensor::from_vec(
@@ -219,7 +214,6 @@ fn anderson_survives_a_rank_deficient_history() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn nan_is_reported_per_sample_and_never_returned() -> mdeq_testkit::Result {
     // Sample 1 produces NaN after the first step; sample 0 is a healthy contraction.
     let mut calls = 0;
@@ -244,7 +238,6 @@ fn nan_is_reported_per_sample_and_never_returned() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn fallback_chain_rescues_an_unconverged_solve() -> mdeq_testkit::Result {
     let a = contraction(0.9);
     let b = Tensor::ones((1, D), DType::F64, &Device::Cpu)?;
@@ -330,7 +323,6 @@ fn tanh_deq(theta: &[f64], w_scale: f64, mode: &BackwardMode) -> (f64, Vec<f64>)
     (loss, g)
 }
 
-#[test]
 fn implicit_gradient_matches_central_finite_differences() -> mdeq_testkit::Result {
     let theta: Vec<f64> = (0..D).map(|i| 0.2 * i as f64 - 0.5).collect();
     let (_, grad) = tanh_deq(&theta, 0.9, &BackwardMode::Ift);
@@ -353,7 +345,6 @@ fn implicit_gradient_matches_central_finite_differences() -> mdeq_testkit::Resul
     Ok(())
 }
 
-#[test]
 fn phantom_and_jfb_approach_ift_as_the_map_contracts() -> mdeq_testkit::Result {
     let theta: Vec<f64> = (0..D).map(|i| 0.1 * i as f64).collect();
     let rel_err = |scale: f64, mode: BackwardMode| {
@@ -378,7 +369,6 @@ fn phantom_and_jfb_approach_ift_as_the_map_contracts() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn graph_vjp_matches_the_transposed_jacobian_of_a_linear_map() -> mdeq_testkit::Result {
     let a = contraction(0.7);
     let at = transposed(&a);
@@ -435,7 +425,6 @@ impl FixedPointMap for RowwiseLinear {
     }
 }
 
-#[test]
 fn compaction_skips_converged_samples_without_changing_any_answer() -> mdeq_testkit::Result {
     let a = contraction(0.95);
     let at = transposed(&a);
@@ -557,7 +546,6 @@ fn reference_broyden(
     best
 }
 
-#[test]
 fn capped_broyden_history_matches_a_plain_reference() -> mdeq_testkit::Result {
     let a = contraction(1.3);
     let bias: Vec<f64> = (0..D).map(|i| (i as f64 * 0.9).cos()).collect();
@@ -596,7 +584,6 @@ fn capped_broyden_history_matches_a_plain_reference() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn broyden_history_is_bounded_by_default_but_never_below_official_settings() -> mdeq_testkit::Result
 {
     use mdeq_deq::solver::broyden::{history_cap, BroydenOptions, DEFAULT_MAX_HISTORY_BYTES};
@@ -623,3 +610,19 @@ fn broyden_history_is_bounded_by_default_but_never_below_official_settings() -> 
     assert_eq!(history_cap(256, 4704, 4, 10_000, &capped), 3);
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(
+    every_solver_finds_the_fixed_point_of_a_linear_map,
+    broyden_needs_far_fewer_steps_than_iteration_on_a_slow_contraction,
+    per_sample_answers_do_not_depend_on_the_batch,
+    official_coupling_uses_whole_batch_norms,
+    anderson_survives_a_rank_deficient_history,
+    nan_is_reported_per_sample_and_never_returned,
+    fallback_chain_rescues_an_unconverged_solve,
+    implicit_gradient_matches_central_finite_differences,
+    phantom_and_jfb_approach_ift_as_the_map_contracts,
+    graph_vjp_matches_the_transposed_jacobian_of_a_linear_map,
+    compaction_skips_converged_samples_without_changing_any_answer,
+    capped_broyden_history_matches_a_plain_reference,
+    broyden_history_is_bounded_by_default_but_never_below_official_settings,
+);

@@ -11,17 +11,30 @@ use gemm::Parallelism;
 /// y = conv2d(x, w) with stride `stride` and padding `padding`; uses the fast kernels for f32/f64
 /// on the CPU and candle's convolution elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let fast = fast_path(x) && x.dtype() == w.dtype();
-    if !fast {
-        return x.conv2d(w, padding, stride, 1, 1);
-    }
-    let (_, c_in, _, _) = x.dims4()?;
-    let (_, c_in_w, kh, kw) = w.dims4()?;
-    if c_in != c_in_w || kh != kw {
+    let (_, c_in, h, wd) = x.dims4()?;
+    let (_, c_in_w, k, kw) = w.dims4()?;
+    if c_in != c_in_w || k != kw {
         candle_core::bail!(
             "conv2d: input has {c_in} channels, kernel {:?} (square kernels only)",
             w.dims()
         );
+    }
+    geometry(x.dims(), k, stride, padding)?;
+    if !(fast_path(x) && x.dtype() == w.dtype()) {
+        // candle's conv2d backward takes the output padding of its transposed convolution from
+        // the height alone and applies it to both axes, so its input gradient has the wrong width
+        // when (size + 2p − k) mod stride differs between the axes (a 9×12 input at stride 2).
+        // Zero rows or columns appended to the axis with the smaller remainder make the two
+        // agree without changing the output: they fall in the zero padding's place, or in no
+        // window at all, and the remainder stays below the stride.
+        let rem = |n: usize| (n + 2 * padding - k) % stride;
+        let (rh, rw) = (rem(h), rem(wd));
+        let x = match rh.cmp(&rw) {
+            std::cmp::Ordering::Less => x.pad_with_zeros(2, 0, rw - rh)?,
+            std::cmp::Ordering::Greater => x.pad_with_zeros(3, 0, rh - rw)?,
+            std::cmp::Ordering::Equal => x.clone(),
+        };
+        return x.conv2d(w, padding, stride, 1, 1);
     }
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv2dForward { stride, padding })

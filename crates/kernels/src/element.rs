@@ -54,10 +54,12 @@ macro_rules! element {
 element!(f32, F32, F32);
 element!(f64, F64, F64);
 
-/// True when the fast kernels handle `t`: CPU storage, f32 or f64. Everything else goes through
-/// candle's own ops.
+/// True when the fast kernels handle `t`: native kernels chosen on this thread, CPU storage, f32
+/// or f64. Everything else goes through candle's own ops.
 pub fn fast_path(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+    matches!(t.device(), Device::Cpu)
+        && matches!(t.dtype(), DType::F32 | DType::F64)
+        && crate::active_kernels() == crate::KernelChoice::Native
 }
 
 /// Runs `f` on the data of `tensors`, each contiguous, on the CPU and of dtype `T`.

@@ -7,9 +7,10 @@
 //! [`batch_norm::batch_norm_train`] are one fused pass each way with float64 statistics; the
 //! `*_input_grad` / [`relu_grad`] entry points serve hand-written VJPs; [`low_rank_apply`] and
 //! [`row_sq_norms`] are the solvers' vector algebra. Hot loops are compiled for the CPU's best
-//! SIMD level at run time (`multiversion`). On other devices and dtypes each entry point defers
-//! to candle.
+//! SIMD level at run time (`multiversion`). On other devices and dtypes, and everywhere under
+//! [`KernelChoice::Portable`], each entry point defers to candle's stock ops: the GPU code path.
 
+mod choice;
 mod element;
 mod gemm_ops;
 mod im2col;
@@ -25,6 +26,7 @@ pub mod relu;
 pub mod row_norms;
 pub mod upsample;
 
+pub use choice::{active_kernels, with_kernels, KernelChoice, KERNELS_ENV};
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use element::fast_path;
 pub use group_norm::{group_norm, group_norm_input_grad, group_norm_relu};

@@ -58,7 +58,6 @@ fn forward_and_both_gradients_match_candle_in_f64_and_f32() -> mdeq_testkit::Res
     Ok(())
 }
 
-#[test]
 fn gradients_match_central_finite_differences() -> mdeq_testkit::Result {
     for &(b, ci, h, w, co, k, s) in CASES {
         finite_difference_check(b, ci, h, w, co, k, s);
@@ -118,7 +117,6 @@ fn finite_difference_check(b: usize, ci: usize, h: usize, w: usize, co: usize, k
     }
 }
 
-#[test]
 fn bad_shapes_are_errors() -> mdeq_testkit::Result {
     let x = hashed(&[1, 3, 4, 4], 1)?;
     assert!(conv2d(&x, &hashed(&[2, 4, 3, 3], 2)?, 1, 1).is_err());
@@ -126,3 +124,8 @@ fn bad_shapes_are_errors() -> mdeq_testkit::Result {
     assert!(conv2d(&x, &hashed(&[2, 3, 7, 7], 2)?, 1, 0).is_err());
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(
+    gradients_match_central_finite_differences,
+    bad_shapes_are_errors,
+);

@@ -74,7 +74,6 @@ fn fused_matches_composed_forward_and_backward() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn input_gradient_matches_finite_differences() -> mdeq_testkit::Result {
     let (b, c, h, w, g) = (2, 6, 3, 4, 3);
     let x0 = hashed(&[b, c, h, w], 7)?.affine(1.6, 0.2)?;
@@ -115,7 +114,6 @@ fn input_gradient_matches_finite_differences() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn relu_and_fused_group_norm_relu_pass_nan_through() -> mdeq_testkit::Result {
     let x = Tensor::new(&[[[[1.0f32, f32::NAN], [-2.0, 0.5]]]], &Device::Cpu)?;
     let y: Vec<f32> = mdeq_kernels::relu(&x)?.flatten_all()?.to_vec1()?;
@@ -129,3 +127,8 @@ fn relu_and_fused_group_norm_relu_pass_nan_through() -> mdeq_testkit::Result {
     assert!(n.iter().all(|v| v.is_nan()), "{n:?}");
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(
+    input_gradient_matches_finite_differences,
+    relu_and_fused_group_norm_relu_pass_nan_through,
+);

@@ -74,16 +74,19 @@ fn check(dtype: DType, autograd_tol: f64, post_affine: bool) -> mdeq_testkit::Re
     Ok(())
 }
 
-#[test]
 fn hand_vjp_matches_autograd_and_finite_differences_in_f64() -> mdeq_testkit::Result {
     check(DType::F64, 1e-12, false)?;
     check(DType::F64, 1e-12, true)?;
     Ok(())
 }
 
-#[test]
 fn hand_vjp_matches_autograd_in_f32() -> mdeq_testkit::Result {
     check(DType::F32, 1e-5, false)?;
     check(DType::F32, 1e-5, true)?;
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(
+    hand_vjp_matches_autograd_and_finite_differences_in_f64,
+    hand_vjp_matches_autograd_in_f32,
+);

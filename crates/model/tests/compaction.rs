@@ -9,7 +9,6 @@ use mdeq_model::Mdeq;
 use mdeq_testkit::tiny_classifier;
 use rand::SeedableRng;
 
-#[test]
 fn compacted_solves_match_whole_batch_solves_sample_for_sample() -> mdeq_testkit::Result {
     let mut cfg = tiny_classifier(&[4, 8]);
     cfg.model.dropout = 0.3;
@@ -76,3 +75,5 @@ fn compacted_solves_match_whole_batch_solves_sample_for_sample() -> mdeq_testkit
     }
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(compacted_solves_match_whole_batch_solves_sample_for_sample,);

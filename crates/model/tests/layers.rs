@@ -10,7 +10,6 @@ fn t(v: Vec<f64>, shape: (usize, usize, usize, usize)) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-#[test]
 fn nearest_upsample_repeats_pixels() -> mdeq_testkit::Result {
     let x = t(vec![1.0, 2.0, 3.0, 4.0], (1, 1, 2, 2));
     let y = nearest_upsample(&x, 2)?.flatten_all()?.to_vec1::<f64>()?;
@@ -21,7 +20,6 @@ fn nearest_upsample_repeats_pixels() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn nearest_upsample_gradient_accumulates_with_other_uses_of_its_input() -> mdeq_testkit::Result {
     // L = sum(w ⊙ up(x)) + 3·sum(x): dL/dx = (sum of w over each 2×2 block) + 3.
     let x = Var::from_tensor(&t(vec![0.5, -1.0, 2.0, 0.25], (1, 1, 2, 2)))?;
@@ -48,7 +46,6 @@ fn nearest_upsample_gradient_accumulates_with_other_uses_of_its_input() -> mdeq_
     Ok(())
 }
 
-#[test]
 fn bilinear_matches_hand_computed_values() -> mdeq_testkit::Result {
     let x = t(vec![0.0, 1.0, 2.0, 3.0], (1, 1, 2, 2));
     // align_corners = true, 2 → 3: the middle sample is the average of its neighbours.
@@ -65,7 +62,6 @@ fn bilinear_matches_hand_computed_values() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn bilinear_gradient_matches_finite_differences() -> mdeq_testkit::Result {
     for align in [true, false] {
         let base: Vec<f64> = (0..2 * 3 * 5)
@@ -108,7 +104,6 @@ fn bilinear_gradient_matches_finite_differences() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn group_norm_matches_hand_computation() -> mdeq_testkit::Result {
     // One sample, 4 channels of 1 pixel, 2 groups: each group normalises 2 values.
     let x = t(vec![1.0, 3.0, -2.0, 2.0], (1, 4, 1, 1));
@@ -127,7 +122,6 @@ fn group_norm_matches_hand_computation() -> mdeq_testkit::Result {
     Ok(())
 }
 
-#[test]
 fn train_mode_batch_norm_matches_hand_computation_and_refuses_a_single_value(
 ) -> mdeq_testkit::Result {
     let mut store = ParamStore::new(DType::F64, &Device::Cpu);
@@ -149,3 +143,12 @@ fn train_mode_batch_norm_matches_hand_computation_and_refuses_a_single_value(
     assert!(bn.forward(&t(vec![5.0], (1, 1, 1, 1)), false).is_ok());
     Ok(())
 }
+
+mdeq_testkit::on_every_kernel!(
+    nearest_upsample_repeats_pixels,
+    nearest_upsample_gradient_accumulates_with_other_uses_of_its_input,
+    bilinear_matches_hand_computed_values,
+    bilinear_gradient_matches_finite_differences,
+    group_norm_matches_hand_computation,
+    train_mode_batch_norm_matches_hand_computation_and_refuses_a_single_value,
+);

@@ -15,6 +15,28 @@ use std::path::{Path, PathBuf};
 pub type Result<T = ()> = anyhow::Result<T>;
 
 pub use anyhow::{self, bail, ensure, Context};
+pub use mdeq_kernels as kernels;
+
+/// Turns each named test function (`fn name() -> mdeq_testkit::Result`, no `#[test]`) into two
+/// tests, `name::native` and `name::portable`, that run it with that kernel choice active: the
+/// portable run takes candle's stock ops, the code path of every non-CPU device, so a test of the
+/// engine also checks the GPU path's composition on a machine without a GPU (the shape of
+/// candle's `test_device!`).
+#[macro_export]
+macro_rules! on_every_kernel {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn native() -> $crate::Result {
+                $crate::kernels::with_kernels($crate::kernels::KernelChoice::Native, super::$name)
+            }
+            #[test]
+            fn portable() -> $crate::Result {
+                $crate::kernels::with_kernels($crate::kernels::KernelChoice::Portable, super::$name)
+            }
+        }
+    )*};
+}
 
 /// `fixtures/<rel>` in the repository (see `fixtures/README.md`).
 pub fn fixture(rel: &str) -> PathBuf {
