@@ -7,7 +7,7 @@ use crate::import::load_into;
 use crate::official::read_state_dict_bytes;
 use candle_core::{DType, Device, Tensor};
 use mdeq_model::params::all_finite;
-use mdeq_model::Mdeq;
+use mdeq_model::{Mdeq, HOST};
 use mdeq_recipe::ExperimentConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -204,7 +204,7 @@ pub fn load_training(
     let state: TrainingState = serde_json::from_str(text).map_err(|e| {
         CheckpointError::format(&p, format!("training state ('{TRAINING_STATE_KEY}'): {e}"))
     })?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &HOST)
         .map_err(|e| CheckpointError::format(&p, e.to_string()))?;
     let (optimizer, weights): (Vec<_>, Vec<_>) = tensors
         .into_iter()

@@ -3,7 +3,8 @@
 
 use crate::error::CheckpointError;
 use crate::pickle::{self, StorageDtype, TensorRef, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use mdeq_model::HOST;
 use std::collections::HashMap;
 use std::io::Read;
 
@@ -73,7 +74,7 @@ fn read_safetensors(bytes: &[u8], path: &str) -> Result<StateDict, CheckpointErr
         .map_err(|e| CheckpointError::format(path, format!("invalid safetensors file: {e}")))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+        let t = candle_core::safetensors::Load::load(&view, &HOST)
             .map_err(|e| CheckpointError::format(path, format!("tensor {name}: {e}")))?;
         out.push((name, t));
     }
@@ -365,5 +366,5 @@ fn materialize(
         StorageDtype::U8 => DType::U8,
         other => return Err(err(format!("element type {other:?} is not supported"))),
     };
-    Tensor::from_raw_buffer(&out, dtype, &r.shape, &Device::Cpu).map_err(|e| err(e.to_string()))
+    Tensor::from_raw_buffer(&out, dtype, &r.shape, &HOST).map_err(|e| err(e.to_string()))
 }

@@ -1,10 +1,11 @@
 //! `mdeq eval`: scores a checkpoint on the recipe's evaluation split, at one or several forward
 //! solver thresholds (the accuracy-against-compute curve, printed and drawn).
 
+use crate::compute::ComputeArgs;
 use anyhow::Result;
-use candle_core::{DType, Device};
 use mdeq_checkpoint::format;
 use mdeq_data::Split;
+use mdeq_model::Compute;
 use mdeq_train::data::RecipeSplit;
 use mdeq_train::evaluate::{evaluate, EvalMode, EvalResult};
 use serde_json::json;
@@ -36,6 +37,9 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Where and in what the model computes.
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// Evaluates, draws the curve where there is one, and prints the table or the JSON report.
@@ -74,7 +78,12 @@ pub struct EvalPoint {
 
 /// Runs the evaluation; returns one point per threshold and the class names.
 pub fn evaluate_checkpoint(req: &Args) -> Result<(Vec<EvalPoint>, Vec<String>)> {
-    let (cfg, model) = format::load(&req.checkpoint, DType::F32, &Device::Cpu)?;
+    let compute = req.compute.resolve()?;
+    compute.run(|| evaluate_on(req, &compute))
+}
+
+fn evaluate_on(req: &Args, compute: &Compute) -> Result<(Vec<EvalPoint>, Vec<String>)> {
+    let (cfg, model) = format::load(&req.checkpoint, compute.dtype, &compute.device)?;
     let data = req
         .data
         .clone()

@@ -2,9 +2,9 @@
 //! into an mdeq checkpoint, every key checked against the model the config describes.
 
 use anyhow::Result;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use mdeq_checkpoint::{format, import, official};
-use mdeq_model::Mdeq;
+use mdeq_model::{Mdeq, HOST};
 use mdeq_recipe::ExperimentConfig;
 use std::path::PathBuf;
 
@@ -24,7 +24,8 @@ pub struct Args {
 /// Imports `args.file` into `args.out`.
 pub fn run(args: Args) -> Result<()> {
     let cfg = ExperimentConfig::load(&args.config)?;
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+    // A file-to-file conversion: the weights pass through host memory, nothing is computed.
+    let model = Mdeq::new(&cfg.model, DType::F32, &HOST, 0)?;
     let entries = official::read_state_dict(&args.file)?;
     let (_, dropped) = import::normalize_keys(entries.clone());
     import::load_into(&model, entries, &args.file)?;

@@ -1,9 +1,9 @@
 //! `mdeq info`: architecture summary, parameter counts and solver state size.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use mdeq_checkpoint::format;
-use mdeq_model::{Mdeq, Task};
+use mdeq_model::{Mdeq, Task, HOST};
 use mdeq_recipe::ExperimentConfig;
 use std::fmt::Write;
 
@@ -23,7 +23,8 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         ExperimentConfig::load(target)?
     };
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+    // Built in host memory to count what it holds; nothing is computed.
+    let model = Mdeq::new(&cfg.model, DType::F32, &HOST, 0)?;
     print!("{}", summary(&cfg, &model));
     Ok(())
 }

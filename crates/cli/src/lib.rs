@@ -2,6 +2,7 @@
 //! library so tests can drive them.
 
 pub mod bench;
+pub mod compute;
 pub mod eval;
 pub mod import;
 pub mod info;

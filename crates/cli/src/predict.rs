@@ -1,14 +1,16 @@
 //! `mdeq predict`: classes with probabilities for each image, or for segmentation models a
 //! colour label map and an overlay PNG per image.
 
+use crate::compute::ComputeArgs;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use mdeq_checkpoint::format;
 use mdeq_data::image_folder::decode_image;
 use mdeq_data::{DatasetKind, Image};
 use mdeq_model::equilibrium::eval_forward;
 use mdeq_model::params::all_finite;
-use mdeq_model::Task;
+use mdeq_model::{Compute, Mdeq, Task};
+use mdeq_recipe::ExperimentConfig;
 use mdeq_train::loss::predict_pixels;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -48,11 +50,21 @@ pub struct Args {
     /// Image files (PNG or JPEG).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+    /// Where and in what the model computes.
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// Predicts and prints every image.
 pub fn run(args: Args) -> Result<()> {
-    let preds = predict_images(&args.checkpoint, &args.images, args.top_k, &args.out)?;
+    let compute = args.compute.resolve()?;
+    let preds = predict_images(
+        &args.checkpoint,
+        &args.images,
+        args.top_k,
+        &args.out,
+        &compute,
+    )?;
     if args.json {
         println!("{}", serde_json::json!({ "predictions": preds }));
         return Ok(());
@@ -78,8 +90,24 @@ pub fn predict_images(
     images: &[PathBuf],
     top_k: usize,
     out: &Path,
+    compute: &Compute,
 ) -> Result<Vec<Prediction>> {
-    let (cfg, model) = format::load(checkpoint, DType::F32, &Device::Cpu)?;
+    compute.run(|| {
+        let (cfg, model) = format::load(checkpoint, compute.dtype, &compute.device)?;
+        predict_with(&cfg, &model, checkpoint, images, top_k, out)
+    })
+}
+
+/// [`predict_images`] with the checkpoint's recipe and model loaded.
+fn predict_with(
+    cfg: &ExperimentConfig,
+    model: &Mdeq,
+    checkpoint: &Path,
+    images: &[PathBuf],
+    top_k: usize,
+    out: &Path,
+) -> Result<Vec<Prediction>> {
+    let compute_device = model.device();
     let kind = DatasetKind::parse(&cfg.data.dataset)?;
     let names = kind.class_names(cfg.model.num_classes);
     let rt = cfg.deq.runtime();
@@ -100,9 +128,10 @@ pub fn predict_images(
         let x = Tensor::from_vec(
             norm.apply(&image),
             (1, image.channels, image.height, image.width),
-            &Device::Cpu,
-        )?;
-        let (logits, _, stats) = eval_forward(&model, &x, &rt)?;
+            compute_device,
+        )?
+        .to_dtype(model.dtype())?;
+        let (logits, _, stats) = eval_forward(model, &x, &rt)?;
         if !all_finite(&logits)? {
             bail!(
                 "{}: the model's output is not finite (NaN or ±inf); check that {} holds finite weights",
@@ -121,6 +150,7 @@ pub fn predict_images(
             Task::Classification => {
                 let p = candle_nn::ops::softmax(&logits, 1)?
                     .squeeze(0)?
+                    .to_dtype(DType::F32)?
                     .to_vec1::<f32>()?;
                 let mut order: Vec<usize> = (0..p.len()).collect();
                 order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));

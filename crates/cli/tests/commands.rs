@@ -328,11 +328,64 @@ fn a_bad_file_gives_one_error_line_naming_it_and_exit_status_2() -> mdeq_testkit
             .output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert_eq!(error_lines(&stderr), 1, "{args:?}: {stderr}");
         assert_eq!(stderr.matches(cause).count(), 1, "printed once: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     assert!(!out_path.exists());
     std::fs::remove_dir_all(root)?;
+    Ok(())
+}
+
+/// The lines of `stderr` besides the one that says what a command computes with (printed at the
+/// start of every computing command); a refusal must have exactly one.
+fn error_lines(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("computing on "))
+        .count()
+}
+
+/// `--device cuda` where there is no CUDA is refused in one line that says why (a build without
+/// the feature, or no usable device), before any file is read; an unknown device name is a
+/// usage error naming the accepted ones.
+#[test]
+fn cuda_without_cuda_is_one_clear_error() -> mdeq_testkit::Result {
+    if candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok() {
+        return Ok(()); // a GPU is here: nothing to refuse
+    }
+    for args in [
+        &[
+            "eval",
+            "--checkpoint",
+            "missing.safetensors",
+            "--device",
+            "cuda",
+        ][..],
+        &["train", "--config", "cifar-tiny", "--device", "cuda:1"],
+        &["bench", "--device", "cuda"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+            .args(args)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        let why = if candle_core::utils::cuda_is_available() {
+            "no usable CUDA device"
+        } else {
+            "built without CUDA"
+        };
+        assert!(
+            stderr.contains("--device cuda:") && stderr.contains(why),
+            "{stderr}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+        .args(["bench", "--device", "gpu"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cpu, cuda or cuda:N"), "{stderr}");
     Ok(())
 }

@@ -75,8 +75,14 @@ impl BatchLoader {
         self.order.is_empty()
     }
 
-    /// Batch `i`.
+    /// Batch `i`, on `device`.
     pub fn batch(&self, i: usize, device: &Device) -> Result<Batch, DataError> {
+        self.host_batch(i)?.into_batch(device)
+    }
+
+    /// Batch `i` in host vectors: what the prefetch thread prepares, so that tensors are made on
+    /// the consumer's device in one copy and no other thread touches a device.
+    fn host_batch(&self, i: usize) -> Result<HostBatch, DataError> {
         let start = i.saturating_mul(self.batch_size).min(self.order.len());
         let idx = &self.order[start..start.saturating_add(self.batch_size).min(self.order.len())];
         if idx.is_empty() {
@@ -124,17 +130,17 @@ impl BatchLoader {
                 Target::Mask(m) => labels.extend(m.pixels.iter().map(|&v| v as i64)),
             }
         }
-        let err = |e: candle_core::Error| DataError::format("<batch>", e.to_string());
         let n = idx.len();
-        let labels = if labels.len() == n {
-            Tensor::from_vec(labels, n, device)
+        let label_shape = if labels.len() == n {
+            vec![n]
         } else {
-            Tensor::from_vec(labels, (n, h, w), device)
-        }
-        .map_err(err)?;
-        Ok(Batch {
-            images: Tensor::from_vec(pixels, (n, c, h, w), device).map_err(err)?,
+            vec![n, h, w]
+        };
+        Ok(HostBatch {
+            pixels,
+            image_shape: [n, c, h, w],
             labels,
+            label_shape,
         })
     }
 
@@ -145,23 +151,28 @@ impl BatchLoader {
         &self,
         range: std::ops::Range<usize>,
         depth: usize,
+        device: &Device,
     ) -> impl Iterator<Item = Result<Batch, DataError>> {
         let (tx, rx) = sync_channel(depth.max(1));
         let me = self.clone();
         let (next, end) = (range.start, range.end);
         std::thread::spawn(move || {
             for i in range {
-                let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    me.batch(i, &Device::Cpu)
-                }))
-                .unwrap_or_else(|panic| Err(me.panicked(i, panic.as_ref())));
+                let batch =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.host_batch(i)))
+                        .unwrap_or_else(|panic| Err(me.panicked(i, panic.as_ref())));
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     break;
                 }
             }
         });
-        Prefetched { rx, next, end }
+        Prefetched {
+            rx,
+            next,
+            end,
+            device: device.clone(),
+        }
     }
 
     /// The error for a panic while preparing batch `i`.
@@ -180,8 +191,27 @@ impl BatchLoader {
     }
 }
 
+/// A batch as plain vectors, before it becomes tensors on a device.
+struct HostBatch {
+    pixels: Vec<f32>,
+    image_shape: [usize; 4],
+    labels: Vec<i64>,
+    label_shape: Vec<usize>,
+}
+
+impl HostBatch {
+    fn into_batch(self, device: &Device) -> Result<Batch, DataError> {
+        let err = |e: candle_core::Error| DataError::format("<batch>", e.to_string());
+        Ok(Batch {
+            images: Tensor::from_vec(self.pixels, &self.image_shape[..], device).map_err(err)?,
+            labels: Tensor::from_vec(self.labels, self.label_shape, device).map_err(err)?,
+        })
+    }
+}
+
 struct Prefetched {
-    rx: Receiver<Result<Batch, DataError>>,
+    rx: Receiver<Result<HostBatch, DataError>>,
+    device: Device,
     /// The next batch index expected, and one past the last.
     next: usize,
     end: usize,
@@ -198,7 +228,7 @@ impl Iterator for Prefetched {
             Ok(batch) => {
                 // After an error the producer stops; so does the iteration.
                 self.next = if batch.is_ok() { i + 1 } else { self.end };
-                Some(batch)
+                Some(batch.and_then(|b| b.into_batch(&self.device)))
             }
             Err(_) => {
                 self.next = self.end;

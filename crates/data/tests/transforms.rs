@@ -182,7 +182,7 @@ fn augmented_batches_are_reproducible_and_prefetch_gives_the_same() -> mdeq_test
         .map(|i| flat(loader(0).batch(i, &dev).unwrap()))
         .collect();
     let b: Vec<_> = loader(0)
-        .prefetch(0..3, 2)
+        .prefetch(0..3, 2, &dev)
         .map(|b| flat(b.unwrap()))
         .collect();
     assert_eq!(
@@ -266,7 +266,9 @@ fn a_panic_while_loading_is_an_error_that_ends_the_epoch() -> mdeq_testkit::Resu
     };
     // In order (no shuffle), batches of 2: sample 5 is in batch 2.
     let loader = BatchLoader::new(ds, Transform::Identity, norm, 2, false, 0, 0);
-    let results: Vec<_> = loader.prefetch(0..4, 2).collect();
+    let results: Vec<_> = loader
+        .prefetch(0..4, 2, &candle_core::Device::Cpu)
+        .collect();
     assert_eq!(
         results.len(),
         3,

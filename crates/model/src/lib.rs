@@ -2,6 +2,7 @@
 //! to the official MDEQ-Vision code. `docs/reference.md` describes the reference behaviour.
 
 pub mod cell;
+pub mod compute;
 pub mod config;
 pub mod equilibrium;
 pub mod head;
@@ -11,6 +12,7 @@ pub mod params;
 pub mod state;
 pub mod stem;
 
+pub use compute::{Compute, DeviceSpec, HOST};
 pub use config::{ModelConfig, Task};
 pub use mdeq::Mdeq;
 pub use params::ParamStore;

@@ -78,12 +78,31 @@ impl ParamStore {
 
     /// The first entry (parameter or buffer) holding a NaN or an infinity, if any.
     pub fn first_non_finite(&self) -> Result<Option<&str>> {
-        for e in &self.entries {
-            if !all_finite(e.var.as_tensor())? {
-                return Ok(Some(&e.name));
-            }
+        // One read-back for the whole model: on a GPU a synchronisation per tensor would cost
+        // more than the check. 0·x sums to NaN exactly when some element is not finite.
+        let floats: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| e.var.dtype().is_float())
+            .collect();
+        if floats.is_empty() {
+            return Ok(None);
         }
-        Ok(None)
+        let sums = floats
+            .iter()
+            .map(|e| {
+                e.var
+                    .affine(0.0, 0.0)?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sums = Tensor::stack(&sums, 0)?.to_vec1::<f64>()?;
+        Ok(floats
+            .iter()
+            .zip(sums)
+            .find(|(_, s)| !s.is_finite())
+            .map(|(e, _)| e.name.as_str()))
     }
 
     fn add(&mut self, name: String, kind: EntryKind, tensor: Tensor) -> Result<Var> {

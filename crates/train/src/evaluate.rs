@@ -82,7 +82,7 @@ pub fn evaluate(
     let mut confusion = ConfusionMatrix::new(model.config().num_classes);
     let (mut top1, mut top5, mut n, mut steps, mut batches, mut worst) =
         (0usize, 0usize, 0usize, 0usize, 0usize, 0f64);
-    for batch in loader.prefetch(0..loader.len(), 2) {
+    for batch in loader.prefetch(0..loader.len(), 2, model.device()) {
         if limit.is_some_and(|l| n >= l) {
             break;
         }

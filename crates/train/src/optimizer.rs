@@ -117,13 +117,27 @@ impl Optimizer {
         out
     }
 
-    /// Restores state written by [`Self::state`] after `steps` updates.
-    pub fn restore(&mut self, steps: u64, tensors: &std::collections::HashMap<String, Tensor>) {
+    /// Restores state written by [`Self::state`] after `steps` updates; each moment moves to
+    /// the device and float type of its parameter in `params` (a checkpoint is read into host
+    /// memory, and may come from a run in another precision).
+    pub fn restore(
+        &mut self,
+        steps: u64,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        params: &[Var],
+    ) -> Result<()> {
         self.steps = steps;
-        for (i, s) in self.slots.iter_mut().enumerate() {
-            s.first = tensors.get(&format!("optim.first.{i}")).cloned();
-            s.second = tensors.get(&format!("optim.second.{i}")).cloned();
+        let moved = |name: String, p: &Var| -> Result<Option<Tensor>> {
+            tensors
+                .get(&name)
+                .map(|t| t.to_device(p.device())?.to_dtype(p.dtype()))
+                .transpose()
+        };
+        for (i, (s, p)) in self.slots.iter_mut().zip(params).enumerate() {
+            s.first = moved(format!("optim.first.{i}"), p)?;
+            s.second = moved(format!("optim.second.{i}"), p)?;
         }
+        Ok(())
     }
 }
 

@@ -73,15 +73,8 @@ pub fn train_step(
     if penalty.is_some() {
         runtime.forward.threshold = jittered_threshold(cfg, step, plan.seed);
     }
-    let gradients = train_gradients(
-        model,
-        &batch.images,
-        &masks,
-        &loss_fn,
-        &runtime,
-        phase,
-        penalty,
-    )?;
+    let images = batch.images.to_dtype(model.dtype())?;
+    let gradients = train_gradients(model, &images, &masks, &loss_fn, &runtime, phase, penalty)?;
     let loss = gradients.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if !loss.is_finite() {
         bail!("step {step}: the loss is {loss}; stopping before it reaches the weights");

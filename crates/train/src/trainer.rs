@@ -9,10 +9,10 @@ use crate::optimizer::Optimizer;
 use crate::run_log::{RunLog, StepRecord};
 use crate::step::{train_step, Phase, StepPlan};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use mdeq_checkpoint::format::{self, TrainingCheckpoint, TrainingState};
 use mdeq_data::Split;
-use mdeq_model::{Mdeq, Task};
+use mdeq_model::{Compute, Mdeq, Task};
 use mdeq_recipe::ExperimentConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -82,8 +82,20 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// Trains `cfg` as `opts` says.
-pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+/// Trains `cfg` as `opts` says, on `compute`'s device, float type and kernels.
+pub fn train(
+    cfg: &ExperimentConfig,
+    opts: &TrainOptions,
+    compute: &Compute,
+) -> Result<TrainSummary> {
+    compute.run(|| train_on(cfg, opts, compute))
+}
+
+fn train_on(
+    cfg: &ExperimentConfig,
+    opts: &TrainOptions,
+    compute: &Compute,
+) -> Result<TrainSummary> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let data = opts
@@ -96,9 +108,9 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     let class_weights = train_set
         .kind
         .class_weights()
-        .map(|w| Tensor::new(w, &Device::Cpu))
+        .map(|w| Tensor::new(w, &compute.device)?.to_dtype(compute.dtype))
         .transpose()?;
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, opts.seed)?;
+    let model = Mdeq::new(&cfg.model, compute.dtype, &compute.device, opts.seed)?;
     let params: Vec<Var> = model.store().parameters().map(|e| e.var.clone()).collect();
     let mut opt = Optimizer::new(&cfg.train, params.len());
     let batch_size = opts.batch_size.unwrap_or(cfg.train.batch_size);
@@ -117,7 +129,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
     if opts.resume && last_path.exists() {
         let resumed = format::load_training(&last_path, &model, cfg)?;
         let optimizer: HashMap<String, Tensor> = resumed.optimizer.into_iter().collect();
-        opt.restore(resumed.state.optimizer_steps, &optimizer);
+        opt.restore(resumed.state.optimizer_steps, &optimizer, &params)?;
         (step, best) = (resumed.state.step, resumed.state.best_score);
         eprintln!("resumed from {} at step {step}", last_path.display());
     }
@@ -155,7 +167,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &TrainOptions) -> Result<TrainSummary
         let loader = train_set.loader(cfg, batch_size, opts.seed, epoch as u64);
         let first = step % per_epoch;
         let last = per_epoch.min(first + (stop - step));
-        for batch in loader.prefetch(first..last, 3) {
+        for batch in loader.prefetch(first..last, 3, &compute.device) {
             let batch = batch?;
             let outcome = train_step(&plan, &model, &params, &mut opt, &batch, step, epoch)
                 .with_context(|| format!("last checkpoint: {}", last_path.display()))?;

@@ -1,11 +1,17 @@
 //! Training end to end on a small synthetic IDX dataset: both phases run, checkpoints are
 //! written, and a run interrupted and resumed ends bit-for-bit where an uninterrupted one does.
 
+use mdeq_model::Compute;
 use mdeq_recipe::ExperimentConfig;
 use mdeq_testkit::{error_text, tiny_classifier, write_toy_idx};
 use mdeq_train::step::{jacobian_penalty, jittered_threshold};
 use mdeq_train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
+
+/// The CPU with the process default kernels (`MDEQ_KERNELS`), in float32.
+fn cpu() -> Compute {
+    Compute::cpu(candle_core::DType::F32).with_kernels(mdeq_kernels::active_kernels())
+}
 
 /// The tiny classifier as a ten-class, two-epoch recipe that pretrains for three steps.
 fn config() -> ExperimentConfig {
@@ -50,11 +56,11 @@ fn interrupted_and_resumed_training_matches_an_uninterrupted_run() -> mdeq_testk
     let data = root.join("data");
     write_toy_idx(&data, 24)?;
     let cfg = config();
-    let straight = train(&cfg, &opts(&data, root.join("a"), 8, false))?;
+    let straight = train(&cfg, &opts(&data, root.join("a"), 8, false), &cpu())?;
     assert_eq!(straight.steps, 8);
-    let first = train(&cfg, &opts(&data, root.join("b"), 5, false))?;
+    let first = train(&cfg, &opts(&data, root.join("b"), 5, false), &cpu())?;
     assert_eq!(first.steps, 5);
-    let resumed = train(&cfg, &opts(&data, root.join("b"), 8, true))?;
+    let resumed = train(&cfg, &opts(&data, root.join("b"), 8, true), &cpu())?;
     assert_eq!(resumed.steps, 8);
     assert_eq!(
         straight.last_loss.to_bits(),
@@ -104,6 +110,7 @@ fn missing_data_is_an_error_naming_the_path() -> mdeq_testkit::Result {
             1,
             false,
         ),
+        &cpu(),
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("/nonexistent/mdeq"), "{err:#}");
@@ -137,7 +144,7 @@ fn jacobian_loss_follows_the_official_schedule_and_is_logged() -> mdeq_testkit::
     let root = std::env::temp_dir().join(format!("mdeq-jac-{}", std::process::id()));
     let data = root.join("data");
     write_toy_idx(&data, 24)?;
-    train(&cfg, &opts(&data, root.join("run"), 5, false))?;
+    train(&cfg, &opts(&data, root.join("run"), 5, false), &cpu())?;
     let log = std::fs::read_to_string(root.join("run/metrics.jsonl"))?;
     let penalties: Vec<f64> = log
         .lines()
@@ -189,7 +196,7 @@ fn forward_threshold_is_jittered_on_jacobian_loss_steps_as_the_official_code_doe
     let root = std::env::temp_dir().join(format!("mdeq-jitter-{}", std::process::id()));
     let data = root.join("data");
     write_toy_idx(&data, 24)?;
-    train(&cfg, &opts(&data, root.join("run"), 6, false))?;
+    train(&cfg, &opts(&data, root.join("run"), 6, false), &cpu())?;
     let log = std::fs::read_to_string(root.join("run/metrics.jsonl"))?;
     let mut steps = Vec::new();
     for line in log.lines().filter(|l| l.contains("\"kind\":\"step\"")) {
@@ -224,7 +231,7 @@ fn a_diverging_run_stops_with_an_error_and_never_checkpoints_non_finite_weights(
     write_toy_idx(&data, 24)?;
     let mut o = opts(&data, root.join("run"), 12, false);
     o.eval_limit = Some(8);
-    let err = error_text("training at lr 1e30", train(&cfg, &o))?;
+    let err = error_text("training at lr 1e30", train(&cfg, &o, &cpu()))?;
     assert!(
         err.contains("non-finite") || err.contains("the loss is"),
         "{err}"
@@ -275,7 +282,7 @@ fn an_empty_dataset_is_an_error_not_a_run_of_nothing() -> mdeq_testkit::Result {
     write_toy_idx(&data, 0)?;
     let err = error_text(
         "training on no data",
-        train(&config(), &opts(&data, root.join("run"), 2, false)),
+        train(&config(), &opts(&data, root.join("run"), 2, false), &cpu()),
     )?;
     assert!(
         err.contains("holds no samples") && err.contains("data"),
@@ -292,12 +299,12 @@ fn resume_refuses_a_checkpoint_of_another_recipe_or_without_a_training_state(
     let data = root.join("data");
     write_toy_idx(&data, 24)?;
     let cfg = config();
-    train(&cfg, &opts(&data, root.join("run"), 2, false))?;
+    train(&cfg, &opts(&data, root.join("run"), 2, false), &cpu())?;
     let mut other = cfg.clone();
     other.train.lr = 0.02;
     let err = error_text(
         "resuming another recipe's run",
-        train(&other, &opts(&data, root.join("run"), 4, true)),
+        train(&other, &opts(&data, root.join("run"), 4, true), &cpu()),
     )?;
     assert!(
         err.contains("checkpoint-last.safetensors")
@@ -317,7 +324,7 @@ fn resume_refuses_a_checkpoint_of_another_recipe_or_without_a_training_state(
     mdeq_checkpoint::format::save(&last, &model, &cfg, None)?;
     let err = error_text(
         "resuming without a training state",
-        train(&cfg, &opts(&data, root.join("run"), 4, true)),
+        train(&cfg, &opts(&data, root.join("run"), 4, true), &cpu()),
     )?;
     assert!(err.contains("no training state"), "{err}");
     std::fs::remove_dir_all(root)?;
@@ -334,7 +341,7 @@ fn zero_batch_size_or_epochs_are_errors_not_a_division_by_zero() -> mdeq_testkit
         (o.batch_size, o.epochs) = (batch, epochs);
         let err = error_text(
             &format!("batch {batch:?}, epochs {epochs:?}"),
-            train(&config(), &o),
+            train(&config(), &o, &cpu()),
         )?;
         assert!(err.contains("must be positive"), "{err}");
     }
@@ -351,6 +358,54 @@ fn zero_batch_size_or_epochs_are_errors_not_a_division_by_zero() -> mdeq_testkit
         .unwrap_err()
         .to_string();
     assert!(err.contains("train.lr = -1"), "{err}");
+    std::fs::remove_dir_all(root)?;
+    Ok(())
+}
+
+/// The same five steps (three unrolled, two DEQ with Broyden and the implicit backward) through
+/// our CPU kernels and through the portable ones (candle's stock ops: the CUDA code path), in
+/// float32 and float64. Two independent implementations in float64 must agree to rounding; each
+/// float32 run must stay within float32 error of them; and a float32 run resumed in float64 (the
+/// optimizer's moments move to the new precision) must continue the same run.
+#[test]
+fn every_kernel_choice_and_float_type_trains_the_same_run() -> mdeq_testkit::Result {
+    use candle_core::DType;
+    use mdeq_kernels::KernelChoice::{Native, Portable};
+    let root = mdeq_testkit::scratch_dir("train-kernels")?;
+    let data = root.join("data");
+    write_toy_idx(&data, 24)?;
+    let cfg = config();
+    let mut loss = std::collections::HashMap::new();
+    for kernels in [Native, Portable] {
+        for dtype in [DType::F32, DType::F64] {
+            let out = root.join(format!("{kernels}-{dtype:?}"));
+            let compute = Compute::cpu(dtype).with_kernels(kernels);
+            let run = train(&cfg, &opts(&data, out, 5, false), &compute)?;
+            assert_eq!(run.steps, 5);
+            loss.insert((kernels, dtype), run.last_loss);
+        }
+    }
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    let reference = loss[&(Native, DType::F64)];
+    assert!(
+        rel(loss[&(Portable, DType::F64)], reference) < 1e-9,
+        "{loss:?}"
+    );
+    for kernels in [Native, Portable] {
+        assert!(
+            rel(loss[&(kernels, DType::F32)], reference) < 1e-3,
+            "{loss:?}"
+        );
+    }
+    let out = root.join("resumed-in-f64");
+    train(&cfg, &opts(&data, out.clone(), 3, false), &cpu())?;
+    let resumed = train(&cfg, &opts(&data, out, 5, true), &Compute::cpu(DType::F64))?;
+    assert_eq!(resumed.steps, 5);
+    assert!(
+        rel(resumed.last_loss, reference) < 1e-3,
+        "{} vs {reference}",
+        resumed.last_loss
+    );
     std::fs::remove_dir_all(root)?;
     Ok(())
 }

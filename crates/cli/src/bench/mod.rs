@@ -1,14 +1,15 @@
 //! `mdeq bench`: side-by-side timing of the MDEQ cell against the PyTorch reference
 //! (`bench/torch_cell.py`), same weights, shapes, thread count and work per figure.
 
+use crate::compute::ComputeArgs;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use mdeq_deq::{
     adjoint, BackwardMode, Coupling, FixedPointMap, SolverKind, SolverOptions, SolverStats,
     StopMode,
 };
 use mdeq_model::cell::solver_map::{CellMap, CellVjp};
-use mdeq_model::Mdeq;
+use mdeq_model::{Compute, Mdeq};
 use mdeq_recipe::ExperimentConfig;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
@@ -61,6 +62,9 @@ pub struct Args {
     /// Print only the JSON report (one line) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Where and in what mdeq computes (PyTorch runs on the same device).
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 fn rayon_threads() -> usize {
@@ -72,18 +76,26 @@ fn rayon_threads() -> usize {
 /// Times mdeq (between two PyTorch runs when asked) and prints the table and the JSON report.
 pub fn run(args: Args) -> Result<()> {
     let opts = &args.options;
+    let compute = args.compute.resolve()?;
     let threads = rayon_threads();
+    let torch_device = compute.device_name();
     let mut torch_runs = Vec::new();
     let mut time_torch = |when: &str| -> Result<()> {
         if let Some(py) = &args.compare_torch {
             eprintln!("running PyTorch{when} ({threads} threads)...");
-            torch_runs.push(run_torch(py, &args.torch_script, opts, threads)?);
+            torch_runs.push(run_torch(
+                py,
+                &args.torch_script,
+                opts,
+                threads,
+                &torch_device,
+            )?);
         }
         Ok(())
     };
     time_torch("")?;
     eprintln!("running mdeq ({threads} threads)...");
-    let ours = run_mdeq(opts)?;
+    let ours = compute.run(|| run_mdeq(opts, &compute))?;
     time_torch(" again")?;
     let report = report(&ours, &torch_runs);
     if args.json {
@@ -127,14 +139,23 @@ pub struct Timing {
     pub min_ms: f64,
 }
 
-fn time_it(warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+/// Times `f`; on a GPU each run ends when the device has finished its queued work, not when the
+/// last launch returned.
+fn time_it(
+    device: &Device,
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
+    device.synchronize()?;
     let mut ms = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         f()?;
+        device.synchronize()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
@@ -152,7 +173,8 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
+/// Uniform values in [-1, 1) from `seed`, the same on every device, in `compute`'s float type.
+fn randn(shape: (usize, usize, usize, usize), seed: u64, compute: &Compute) -> Result<Tensor> {
     let n = shape.0 * shape.1 * shape.2 * shape.3;
     let mut state = seed
         .wrapping_mul(6364136223846793005)
@@ -165,14 +187,15 @@ fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    Ok(Tensor::from_vec(v, shape, &compute.device)?.to_dtype(compute.dtype)?)
 }
 
 /// Times torch_cell.py's figures for our implementation, then our own whole-step figures
 /// ([`training::figures`]).
-pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
+pub fn run_mdeq(opts: &BenchOptions, compute: &Compute) -> Result<Vec<(&'static str, Timing)>> {
     let cfg = ExperimentConfig::load(&format!("{}/config.yaml", opts.fixture))?;
-    let model = Mdeq::new(&cfg.model, DType::F32, &Device::Cpu, 0)?;
+    let model = Mdeq::new(&cfg.model, compute.dtype, &compute.device, 0)?;
+    let device = &compute.device;
     let weights = format!("{}/weights.safetensors", opts.fixture);
     mdeq_checkpoint::import::load_into(
         &model,
@@ -203,23 +226,23 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
     let z: Vec<Tensor> = shapes
         .iter()
         .enumerate()
-        .map(|(i, &s)| randn(s, 10 + i as u64))
+        .map(|(i, &s)| randn(s, 10 + i as u64, compute))
         .collect::<Result<_>>()?;
     let x: Vec<Tensor> = shapes
         .iter()
         .enumerate()
         .map(|(i, &s)| {
             if i == 0 {
-                randn(s, 20)
+                randn(s, 20, compute)
             } else {
-                Ok(Tensor::zeros(s, DType::F32, &Device::Cpu)?)
+                Ok(Tensor::zeros(s, compute.dtype, device)?)
             }
         })
         .collect::<Result<_>>()?;
     let v: Vec<Tensor> = shapes
         .iter()
         .enumerate()
-        .map(|(i, &s)| randn(s, 30 + i as u64))
+        .map(|(i, &s)| randn(s, 30 + i as u64, compute))
         .collect::<Result<_>>()?;
     let v_flat = layout.flatten(&v)?;
     let masks = vec![None; shapes.len()];
@@ -236,7 +259,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
     if opts.wants("cell_forward") {
         out.push((
             "cell_forward",
-            time_it(warm, reps, || {
+            time_it(device, warm, reps, || {
                 fixed.forward(&z, &x, &masks)?;
                 Ok(())
             })?,
@@ -246,7 +269,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
     if opts.wants("forward_backward") {
         out.push((
             "forward_backward",
-            time_it(warm, reps, || {
+            time_it(device, warm, reps, || {
                 let cell = model.cell().prepared(false)?;
                 let zv = Var::from_tensor(&layout.flatten(&z)?)?;
                 let f = layout.flatten(&cell.forward(
@@ -274,7 +297,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
         let mut recorded = CellVjp::record(&map, &layout.flatten(&z)?)?;
         out.push((
             "vjp",
-            time_it(warm, reps, || {
+            time_it(device, warm, reps, || {
                 recorded.vjp(&v_flat)?;
                 Ok(())
             })?,
@@ -293,7 +316,7 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
             masks: &masks,
             layout: &layout,
         };
-        let zeros = Tensor::zeros((b, layout.size()), DType::F32, &Device::Cpu)?;
+        let zeros = Tensor::zeros((b, layout.size()), compute.dtype, device)?;
         let plain = SolverKind::FixedPoint { tau: 1.0 };
         let options = |threshold: usize, eps: f64| SolverOptions {
             threshold,
@@ -345,11 +368,17 @@ pub fn run_mdeq(opts: &BenchOptions) -> Result<Vec<(&'static str, Timing)>> {
         ("train_step_frozen", Some(opts.freeze_eps)),
     ] {
         if opts.wants(name) {
-            let t = training::time_solver_figure(name, opts, || stand_in_step(freeze))?;
+            let t = training::time_solver_figure(name, opts, device, || stand_in_step(freeze))?;
             out.push((name, t));
         }
     }
-    out.extend(training::figures(&model, &cfg, opts, (input[2], input[3]))?);
+    out.extend(training::figures(
+        &model,
+        &cfg,
+        opts,
+        compute,
+        (input[2], input[3]),
+    )?);
     Ok(out)
 }
 
@@ -359,10 +388,11 @@ pub fn run_torch(
     script: &str,
     opts: &BenchOptions,
     threads: usize,
+    device: &str,
 ) -> Result<Map<String, Value>> {
     let output = std::process::Command::new(python)
         .arg(script)
-        .args(["--fixture", &opts.fixture])
+        .args(["--fixture", &opts.fixture, "--device", device])
         .args([
             "--batch",
             &opts.batch.to_string(),

@@ -10,6 +10,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use mdeq_deq::{BackwardMode, SolverOptions, SolverStats};
 use mdeq_model::equilibrium::{eval_forward, solve_equilibrium, DeqRuntime};
+use mdeq_model::Compute;
 use mdeq_model::{Mdeq, Task};
 use mdeq_recipe::ExperimentConfig;
 use mdeq_train::loss::{classification_loss, segmentation_loss};
@@ -21,13 +22,19 @@ use rand::SeedableRng;
 const PHANTOM: BackwardMode = BackwardMode::Phantom { k: 5, tau: 0.5 };
 
 /// Deterministic labels in 0..classes: (B) classes or (B, H, W) label maps.
-fn labels(task: Task, batch: usize, classes: usize, hw: (usize, usize)) -> Result<Tensor> {
+fn labels(
+    task: Task,
+    batch: usize,
+    classes: usize,
+    hw: (usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
     let n = match task {
         Task::Classification => batch,
         Task::Segmentation => batch * hw.0 * hw.1,
     };
     let v: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % classes) as i64).collect();
-    let t = Tensor::from_vec(v, n, &Device::Cpu)?;
+    let t = Tensor::from_vec(v, n, device)?;
     Ok(match task {
         Task::Classification => t,
         Task::Segmentation => t.reshape((batch, hw.0, hw.1))?,
@@ -57,10 +64,11 @@ fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
 pub(super) fn time_solver_figure(
     name: &str,
     opts: &BenchOptions,
+    device: &Device,
     mut run: impl FnMut() -> Result<Option<SolverStats>>,
 ) -> Result<Timing> {
     let mut last_stats = None;
-    let timing = time_it(opts.warmup.min(1), opts.repeats.min(5), || {
+    let timing = time_it(device, opts.warmup.min(1), opts.repeats.min(5), || {
         last_stats = run()?;
         Ok(())
     })?;
@@ -75,12 +83,14 @@ pub fn figures(
     model: &Mdeq,
     cfg: &ExperimentConfig,
     opts: &BenchOptions,
+    compute: &Compute,
     hw: (usize, usize),
 ) -> Result<Vec<(&'static str, Timing)>> {
     let b = opts.batch;
-    let image = randn((b, cfg.model.in_channels, hw.0, hw.1), 40)?;
+    let device = &compute.device;
+    let image = randn((b, cfg.model.in_channels, hw.0, hw.1), 40, compute)?;
     let task = cfg.model.task;
-    let target = labels(task, b, cfg.model.num_classes, hw)?;
+    let target = labels(task, b, cfg.model.num_classes, hw, device)?;
     let loss_fn = |logits: &Tensor| match task {
         Task::Classification => classification_loss(logits, &target),
         Task::Segmentation => segmentation_loss(logits, &target, None),
@@ -120,7 +130,7 @@ pub fn figures(
             continue;
         }
         let mut opt = Optimizer::new(&cfg.train, params.len());
-        let timing = time_solver_figure(name, opts, || {
+        let timing = time_solver_figure(name, opts, device, || {
             let g = train_gradients(model, &image, &masks, &loss_fn, rt, phase, None)?;
             let grads: Vec<Option<Tensor>> = g.grads.into_iter().map(|(_, t)| t).collect();
             opt.step(&params, &grads, 0.0)?;
@@ -133,14 +143,14 @@ pub fn figures(
         let injection = model.injection(&image, true)?;
         let layout = model.layout(hw.0, hw.1);
         let cell = model.cell().prepared(true)?;
-        let t = time_solver_figure("forward_solve", opts, || {
+        let t = time_solver_figure("forward_solve", opts, device, || {
             let (_, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, &base, None)?;
             Ok(Some(stats))
         })?;
         out.push(("forward_solve", t));
     }
     if opts.wants("inference_per_image") {
-        let t = time_solver_figure("inference_per_image", opts, || {
+        let t = time_solver_figure("inference_per_image", opts, device, || {
             let (_, _, stats) = eval_forward(model, &image, &base)?;
             Ok(Some(stats))
         })?;
