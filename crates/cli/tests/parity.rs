@@ -1,17 +1,21 @@
-//! `mdeq parity` on every fixture under fixtures/, for every weights format.
+//! `mdeq parity` on every fixture under fixtures/, for every weights format, through our CPU
+//! kernels and through the portable kernels (candle's stock ops: the composition the CUDA path
+//! runs, so a mistake in the GPU code path fails here without a GPU).
 
 use candle_core::{DType, Device, Tensor};
 use mdeq::parity::{check, Centre, ParityOptions, Report, Row, Status};
+use mdeq_kernels::KernelChoice;
+use mdeq_model::Compute;
 use mdeq_model::Mdeq;
 use mdeq_recipe::ExperimentConfig;
 use mdeq_testkit::{fixture, fixture_str};
 use mdeq_train::step::{train_gradients, Phase};
 
-fn parity(name: &str, weights: &str, dtype: DType) -> Report {
+fn parity(name: &str, weights: &str, dtype: DType, kernels: KernelChoice) -> Report {
     let dir = fixture_str(name);
     let cfg = ExperimentConfig::load(&format!("{dir}/config.yaml")).unwrap();
     let opts = ParityOptions {
-        dtype,
+        compute: Compute::cpu(dtype).with_kernels(kernels),
         ..ParityOptions::default()
     };
     check(
@@ -46,6 +50,44 @@ fn failures(rows: &[Row], skip: impl Fn(&str) -> bool) -> Vec<String> {
         .collect()
 }
 
+/// Float32 parity of one fixture and weights file: every reference tensor checked, each within
+/// the fixture's tolerances (gradients where float32 comparison is well posed), and the solver
+/// traces followed.
+fn assert_float32_parity(name: &str, weights: &str, kernels: KernelChoice) {
+    let report = parity(name, weights, DType::F32, kernels);
+    let rows = &report.rows;
+    // Gradients are checked wherever the comparison is well posed in float32. On cls-tiny
+    // it is not (a head ReLU input sits within float32 rounding of its kink, shown by the
+    // probe and by `float32_gradients_at_cls_tiny_are_ill_conditioned_for_any_float32_head`);
+    // float64 checks every gradient below.
+    let grads_well_posed = report
+        .gradient_conditioning
+        .as_ref()
+        .is_none_or(|c| !c.ill_conditioned());
+    let bad = failures(rows, |n| n.starts_with("grad.") && !grads_well_posed);
+    assert!(bad.is_empty(), "{name}/{weights} ({kernels}): {bad:?}");
+    let checked = rows
+        .iter()
+        .filter(|r| {
+            !r.name.contains('[') && !r.name.starts_with("grad.") && r.status == Status::Pass
+        })
+        .count();
+    let grads = rows.iter().filter(|r| r.name.starts_with("grad.")).count();
+    assert_eq!(
+        checked + grads,
+        reference_count(name),
+        "{name}: every reference tensor is checked"
+    );
+    for must in ["injection.0", "f_z0.0", "zstar.0", "logits"] {
+        assert!(
+            rows.iter()
+                .any(|r| r.name == must && r.status == Status::Pass),
+            "{name}: {must}"
+        );
+    }
+    assert_solver_traces(name, &report, false);
+}
+
 #[test]
 fn float32_model_matches_the_official_forward_from_every_weights_format() -> mdeq_testkit::Result {
     for name in ["cls-tiny", "seg-tiny"] {
@@ -54,41 +96,16 @@ fn float32_model_matches_the_official_forward_from_every_weights_format() -> mde
             "state_dict.pth",
             "state_dict_legacy.pth",
         ] {
-            let report = parity(name, weights, DType::F32);
-            let rows = &report.rows;
-            // Gradients are checked wherever the comparison is well posed in float32. On cls-tiny
-            // it is not (a head ReLU input sits within float32 rounding of its kink, shown by the
-            // probe and by `float32_gradients_at_cls_tiny_are_ill_conditioned_for_any_float32_head`);
-            // float64 checks every gradient below.
-            let grads_well_posed = report
-                .gradient_conditioning
-                .as_ref()
-                .is_none_or(|c| !c.ill_conditioned());
-            let bad = failures(rows, |n| n.starts_with("grad.") && !grads_well_posed);
-            assert!(bad.is_empty(), "{name}/{weights}: {bad:?}");
-            let checked = rows
-                .iter()
-                .filter(|r| {
-                    !r.name.contains('[')
-                        && !r.name.starts_with("grad.")
-                        && r.status == Status::Pass
-                })
-                .count();
-            let grads = rows.iter().filter(|r| r.name.starts_with("grad.")).count();
-            assert_eq!(
-                checked + grads,
-                reference_count(name),
-                "{name}: every reference tensor is checked"
-            );
-            for must in ["injection.0", "f_z0.0", "zstar.0", "logits"] {
-                assert!(
-                    rows.iter()
-                        .any(|r| r.name == must && r.status == Status::Pass),
-                    "{name}: {must}"
-                );
-            }
-            assert_solver_traces(name, &report, false);
+            assert_float32_parity(name, weights, KernelChoice::Native);
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn float32_portable_kernels_match_the_official_forward() -> mdeq_testkit::Result {
+    for name in ["cls-tiny", "seg-tiny"] {
+        assert_float32_parity(name, "weights.safetensors", KernelChoice::Portable);
     }
     Ok(())
 }
@@ -96,11 +113,30 @@ fn float32_model_matches_the_official_forward_from_every_weights_format() -> mde
 /// Every solve the fixture recorded in our precision follows the official solver's residual
 /// trace (eval forward; train forward and backward where there is a train path); `stops` also
 /// requires the official stopping step (float64 cls-tiny: 55, 55, 52).
+///
+/// The backward solve's right-hand side is dL/df(z*). Where the conditioning probe found that a
+/// one-ulp move of f(z*) changes it by up to `max_change` (float32 cls-tiny: a head ReLU kink),
+/// its trace can follow the official one only to that much: our native kernels happen to land
+/// on the official side of the kink (1.1e-4), the portable ones not (1.2e-3). It must still agree
+/// within that bound, which a broken backward (an O(1) difference) does not.
 fn assert_solver_traces(name: &str, report: &Report, stops: bool) {
     let expected = if name == "cls-tiny" { 3 } else { 1 };
     assert_eq!(report.solver_traces.len(), expected, "{name}");
+    let kink = report
+        .gradient_conditioning
+        .as_ref()
+        .filter(|c| c.ill_conditioned())
+        .map(|c| c.max_change);
     for t in &report.solver_traces {
-        assert_eq!(t.status, Status::Pass, "{name}: {}", t.describe());
+        match kink {
+            Some(bound) if t.name.ends_with("backward_solver") => assert!(
+                t.compared_steps >= 2 && t.max_rel_diff <= bound.max(t.agreement.rtol),
+                "{name}: {} (allowed here: the right-hand side's rounding sensitivity {bound:.1e})",
+                t.describe()
+            ),
+            _ => assert_eq!(t.status, Status::Pass, "{name}: {}", t.describe()),
+        }
+        assert!(report.trace_followed(t), "{name}: the report's verdict");
         if stops {
             let (ours, official) = t.stop_steps.expect("a converged official solve");
             assert_eq!(ours, official, "{name}: {}", t.describe());
@@ -108,14 +144,14 @@ fn assert_solver_traces(name: &str, report: &Report, stops: bool) {
     }
 }
 
-#[test]
-fn float64_model_matches_every_reference_tensor_including_implicit_gradients(
-) -> mdeq_testkit::Result {
+/// Float64 parity: every reference tensor of both fixtures within tolerance, gradients included,
+/// the official stopping steps on cls-tiny, and a well-posed gradient comparison.
+fn assert_float64_parity(kernels: KernelChoice) {
     for name in ["cls-tiny", "seg-tiny"] {
-        let report = parity(name, "weights.safetensors", DType::F64);
+        let report = parity(name, "weights.safetensors", DType::F64, kernels);
         let rows = &report.rows;
         let bad = failures(rows, |_| false);
-        assert!(bad.is_empty(), "{name}: {bad:?}");
+        assert!(bad.is_empty(), "{name} ({kernels}): {bad:?}");
         let passed = rows
             .iter()
             .filter(|r| !r.name.contains('[') && r.status == Status::Pass)
@@ -124,7 +160,7 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients(
         // seg-tiny's float64 eps (1e-14) is below its state's rounding floor: no stopping step.
         assert_solver_traces(name, &report, name == "cls-tiny");
     }
-    let report = parity("cls-tiny", "weights.safetensors", DType::F64);
+    let report = parity("cls-tiny", "weights.safetensors", DType::F64, kernels);
     let rows = &report.rows;
     let probe = report
         .gradient_conditioning
@@ -141,6 +177,19 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients(
             .count(),
         36
     );
+}
+
+#[test]
+fn float64_model_matches_every_reference_tensor_including_implicit_gradients(
+) -> mdeq_testkit::Result {
+    assert_float64_parity(KernelChoice::Native);
+    Ok(())
+}
+
+#[test]
+fn float64_portable_kernels_match_every_reference_tensor_including_implicit_gradients(
+) -> mdeq_testkit::Result {
+    assert_float64_parity(KernelChoice::Portable);
     Ok(())
 }
 
@@ -150,7 +199,12 @@ fn float64_model_matches_every_reference_tensor_including_implicit_gradients(
 /// errors: one kink flip moves them by about 1%, a broken backward by O(1).
 #[test]
 fn float32_gradient_comparison_at_cls_tiny_is_ill_conditioned() -> mdeq_testkit::Result {
-    let report = parity("cls-tiny", "weights.safetensors", DType::F32);
+    let report = parity(
+        "cls-tiny",
+        "weights.safetensors",
+        DType::F32,
+        KernelChoice::Native,
+    );
     let probe = report
         .gradient_conditioning
         .expect("cls-tiny has a train path");
