@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU reference timings for the MDEQ cell f(z; x) in PyTorch.
+"""Reference timings for the MDEQ cell f(z; x) in PyTorch (CPU, or a CUDA device with --device).
 
 The cell is written here from docs/reference.md (sections 1.3-1.6); no official MDEQ
 code is imported. The weights are a fixture's official `fullstage.*` tensors. `--check` proves that
@@ -42,7 +42,31 @@ import argparse, json, os, resource, statistics, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+
+
+def load_file(path, device="cpu"):
+    """A safetensors file as {name: tensor}; without the safetensors package (a bare PyTorch
+    environment, e.g. on a GPU machine), read from the format directly: an 8-byte little-endian
+    header length, a JSON header of dtype, shape and byte range per tensor, then the data."""
+    try:
+        from safetensors.torch import load_file as load
+        return load(path, device=device)
+    except ImportError:
+        pass
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "F16": torch.float16,
+              "BF16": torch.bfloat16, "U8": torch.uint8, "I32": torch.int32}
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        data = bytearray(fh.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        t = torch.frombuffer(data[a:b], dtype=dtypes[info["dtype"]]) if b > a else torch.empty(0, dtype=dtypes[info["dtype"]])
+        out[name] = t.reshape(info["shape"]).clone().to(device)
+    return out
 
 PREFIX = "fullstage."
 GN_EPS = 1e-5
@@ -153,14 +177,22 @@ def check(cfg, state, fixture):
     return 0 if ok else 1
 
 
+def sync():
+    """Waits for queued GPU work, so that a timing ends when the device is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timeit(fn, warmup, repeats):
     """Wall time (perf_counter) per call; cpu_median_ms is process CPU time, all threads summed."""
     for _ in range(warmup):
         fn()
+    sync()
     wall, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        sync()
         wall.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
     return {"median_ms": statistics.median(wall), "min_ms": min(wall), "cpu_median_ms": statistics.median(cpu)}
@@ -232,7 +264,7 @@ def bench(cfg, state, args):
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "cpu_count": os.cpu_count(),
         "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-        "batch": args.batch, "hw_branch0": [H0, W0], "state_shapes": shapes, "dtype": "float32",
+        "device": args.device, "batch": args.batch, "hw_branch0": [H0, W0], "state_shapes": shapes, "dtype": "float32",
         "f_steps": args.f_steps, "b_steps": args.b_steps, "warmup": args.warmup, "repeats": args.repeats,
         "solver_stand_in": "plain fixed-point iteration (forward) and y <- yJ + gbar (backward)",
         "train_step_values_finite": all(finite),
@@ -250,6 +282,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fixture", default=os.path.join(here, "..", "fixtures", "cls-tiny"))
     ap.add_argument("--check", action="store_true", help="compare one application with the stored f_z0")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--hw", default=None, help="branch-0 state size HxW (default: the fixture's, 32x32 for cls)")
     for flag, default in (("--batch", 32), ("--threads", 2), ("--warmup", 3), ("--repeats", 15),
                           ("--f-steps", 18), ("--b-steps", 20), ("--seed", 0)):
@@ -258,7 +291,8 @@ def main():
     torch.set_num_threads(args.threads)
     with open(os.path.join(args.fixture, "meta.json")) as fh:
         cfg = json.load(fh)["config"]
-    state = load_file(os.path.join(args.fixture, "weights.safetensors"))
+    state = load_file(os.path.join(args.fixture, "weights.safetensors"), device=args.device)
+    torch.set_default_device(args.device)  # z, x, v and the solver's zeros live there too
     return check(cfg, state, args.fixture) if args.check else bench(cfg, state, args)
 
 
