@@ -143,10 +143,7 @@ impl Cityscapes {
 
 /// Reads a single-channel 8-bit label PNG, naming the file on failure.
 pub fn decode_label_map(path: &Path) -> Result<Image, DataError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path.display(), e))?
-        .decode()
-        .map_err(|e| DataError::format(path.display(), format!("cannot decode label map: {e}")))?;
+    let img = crate::decode::decode_file(path, "label map")?;
     if img.color() != image::ColorType::L8 {
         return Err(DataError::format(
             path.display(),

@@ -36,12 +36,7 @@ pub fn decode_rgb(path: &Path) -> Result<Image, DataError> {
 /// Reads an image file (PNG or JPEG) as grey (`channels` 1) or RGB (3), naming the file on
 /// failure.
 pub fn decode_image(path: &Path, channels: usize) -> Result<Image, DataError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path.display(), e))?
-        .with_guessed_format()
-        .map_err(|e| DataError::io(path.display(), e))?
-        .decode()
-        .map_err(|e| DataError::format(path.display(), format!("cannot decode image: {e}")))?;
+    let img = crate::decode::decode_file(path, "image")?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let pixels = match channels {
         1 => img.to_luma8().into_raw(),

@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod cifar;
 pub mod cityscapes;
+mod decode;
 pub mod fashion_scenes;
 pub mod idx;
 pub mod image_folder;

@@ -81,6 +81,7 @@ impl Transform {
     /// Applies the transform, drawing random choices from `rng`.
     pub fn apply(&self, sample: Sample, rng: &mut impl Rng) -> Result<Sample, DataError> {
         let Sample { image, target } = sample;
+        refuse_empty(&image)?;
         if let Target::Mask(m) = &target {
             if (m.height, m.width, m.channels) != (image.height, image.width, 1) {
                 return Err(DataError::format(
@@ -154,6 +155,7 @@ impl Transform {
     /// Applies a deterministic (evaluation) transform to an image alone; a random training
     /// augmentation is an error.
     pub fn apply_to_image(&self, image: Image) -> Result<Image, DataError> {
+        refuse_empty(&image)?;
         let filter = filter_for(0);
         match *self {
             Transform::Identity => Ok(image),
@@ -170,6 +172,21 @@ impl Transform {
             )),
         }
     }
+}
+
+/// An image without pixels (a dataset header can say 0 rows) cannot be resized, cropped or
+/// learned from; every transform refuses it rather than dividing by its size.
+fn refuse_empty(image: &Image) -> Result<(), DataError> {
+    if image.height == 0 || image.width == 0 || image.channels == 0 {
+        return Err(DataError::format(
+            "<sample>",
+            format!(
+                "image is {}x{}x{}: it has no pixels",
+                image.height, image.width, image.channels
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The shorter side resized to `short`, then the central `side` × `side`.

@@ -238,3 +238,21 @@ fn fashion_scenes_label_every_pixel_by_its_item() -> mdeq_testkit::Result {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// Found by the `image` fuzz target: this 644-byte JPEG makes the JPEG decoder (zune-jpeg
+/// 0.5.15) panic in its IDCT. Decoding it is an error naming the file, in every channel count,
+/// and the process carries on.
+#[test]
+fn a_jpeg_that_crashes_the_decoder_is_an_error_naming_the_file() -> mdeq_testkit::Result {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/zune-jpeg-idct-panic.jpg");
+    for channels in [1, 3] {
+        let e = mdeq_data::image_folder::decode_image(&path, channels)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zune-jpeg-idct-panic.jpg") && e.contains("the decoder failed on this file"),
+            "{e}"
+        );
+    }
+    Ok(())
+}

@@ -285,3 +285,48 @@ fn a_panic_while_loading_is_an_error_that_ends_the_epoch() -> mdeq_testkit::Resu
     );
     Ok(())
 }
+
+/// Found by the `transforms` fuzz target: an image with no rows or columns (an IDX header may
+/// say 0) made ResizeCenterCrop divide by zero. Every transform refuses it, naming the size.
+#[test]
+fn every_transform_refuses_an_image_without_pixels() -> mdeq_testkit::Result {
+    let transforms = [
+        Transform::Identity,
+        Transform::PadCropFlip { pad: 2 },
+        Transform::RandomResizedCropFlip { size: 8 },
+        Transform::ResizeCenterCrop { resize: 8, crop: 6 },
+        Transform::ScaleCropFlip {
+            base_long: 16,
+            crop: (4, 4),
+        },
+        Transform::Resize {
+            height: 4,
+            width: 4,
+        },
+    ];
+    for t in &transforms {
+        for (h, w) in [(0, 5), (5, 0), (0, 0)] {
+            let sample = Sample {
+                image: Image::filled(3, h, w, 7),
+                target: Target::Class(1),
+            };
+            let e = t.apply(sample, &mut rng(0)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{h}x{w}x3")) && e.contains("no pixels"),
+                "{t:?}: {e}"
+            );
+            if !matches!(
+                t,
+                Transform::PadCropFlip { .. }
+                    | Transform::RandomResizedCropFlip { .. }
+                    | Transform::ScaleCropFlip { .. }
+            ) {
+                assert!(
+                    t.apply_to_image(Image::filled(1, h, w, 0)).is_err(),
+                    "{t:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
