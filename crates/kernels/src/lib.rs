@@ -18,6 +18,7 @@ mod parallel;
 mod reduce;
 
 pub mod batch_norm;
+pub mod broyden;
 pub mod conv2d;
 pub mod group_norm;
 pub mod low_rank;
@@ -26,6 +27,7 @@ pub mod relu;
 pub mod row_norms;
 pub mod upsample;
 
+pub use broyden::{broyden_update, BroydenStep, BroydenUpdate, HistoryChange, Pairs};
 pub use choice::{active_kernels, with_kernels, KernelChoice, KERNELS_ENV};
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use element::fast_path;

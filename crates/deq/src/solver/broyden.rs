@@ -7,7 +7,7 @@
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};
 use candle_core::{Result, Tensor};
-use mdeq_kernels::{low_rank_apply, low_rank_apply_many};
+use mdeq_kernels::{broyden_update, BroydenStep, HistoryChange, Pairs};
 use std::collections::VecDeque;
 
 /// Broyden-specific options.
@@ -41,17 +41,6 @@ pub fn history_cap(
     bopts.max_pairs.unwrap_or(threshold).min(bytes / pair_bytes)
 }
 
-/// Per-sample dot products of (B, D) tensors, shaped (B, 1).
-fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    (a * b)?.sum_keepdim(1)
-}
-
-/// Replaces NaN entries by 0 (infinities are left alone, as in the official code).
-fn nan_to_zero(t: &Tensor) -> Result<Tensor> {
-    let is_num = t.eq(t)?;
-    is_num.where_cond(t, &t.zeros_like()?)
-}
-
 struct LowRank {
     pairs: VecDeque<(Tensor, Tensor)>,
     cap: usize,
@@ -62,53 +51,27 @@ impl LowRank {
         self.pairs.iter().map(|(u, v)| (u, v)).unzip()
     }
 
-    /// M x = −x + Σ u_k (v_k · x).
-    fn matvec(&self, x: &Tensor) -> Result<Tensor> {
-        let (us, vs) = self.halves();
-        low_rank_apply(x, &us, &vs)
-    }
-
-    /// xᵀ M = −x + Σ (x · u_k) v_k.
-    fn rmatvec(&self, x: &Tensor) -> Result<Tensor> {
-        let (us, vs) = self.halves();
-        low_rank_apply(x, &vs, &us)
-    }
-
-    /// M x and M y in one pass over the history.
-    fn matvec2(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (us, vs) = self.halves();
-        let [mx, my]: [Tensor; 2] = low_rank_apply_many(&[x, y], &us, &vs)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("low_rank_apply_many: not two products".into()))?;
-        Ok((mx, my))
-    }
-
-    /// Appends a pair, dropping the oldest at the cap.
-    fn push(&mut self, u: Tensor, v: Tensor) -> Pushed {
+    /// What storing one more pair will do.
+    fn change_for_next_push(&self) -> HistoryChange {
         if self.cap == 0 {
-            return Pushed::Dropped;
+            HistoryChange::Discard
+        } else if self.pairs.len() == self.cap {
+            HistoryChange::ReplaceOldest
+        } else {
+            HistoryChange::Append
         }
-        let evicted = self.pairs.len() == self.cap;
-        if evicted {
+    }
+
+    /// Stores a pair, dropping the oldest at the cap (nothing at cap 0).
+    fn push(&mut self, u: Tensor, v: Tensor) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.pairs.len() == self.cap {
             self.pairs.pop_front();
         }
         self.pairs.push_back((u, v));
-        if evicted {
-            Pushed::ReplacedOldest
-        } else {
-            Pushed::Appended
-        }
     }
-}
-
-/// What [`LowRank::push`] did to the operator.
-enum Pushed {
-    /// Added a term: M' x = M x + u ⟨v, x⟩.
-    Appended,
-    /// Added a term and removed the oldest.
-    ReplacedOldest,
-    /// No history is kept (cap 0): M unchanged.
-    Dropped,
 }
 
 /// Solves z = f(z) from `z0` (B, D).
@@ -127,31 +90,33 @@ pub fn solve(
     let mut tracker = ResidualTracker::new("broyden", z0, opts, 1e-9)?;
     let mut x = z0.clone();
     let mut gx = (tracker.evaluate(f, &x)? - &x)?;
-    let mut update = gx.clone();
+    // The first step is plain iteration (M = −I): x₁ = x₀ + g₀.
+    let mut x_new = (&x + gx.broadcast_mul(&tracker.active_mask(&x)?)?)?;
     while tracker.stats_steps() < opts.threshold {
-        let mask = tracker.active_mask(&x)?;
-        let x_new = (&x + update.broadcast_mul(&mask)?)?;
         let fx = tracker.evaluate(f, &x_new)?;
         let g_new = (&fx - &x_new)?;
         tracker.record(&x_new, &g_new, &fx)?;
-        if tracker.done() {
+        if tracker.done() || tracker.stats_steps() == opts.threshold {
             break;
         }
-        let dx = (&x_new - &x)?;
-        let dg = (&g_new - &gx)?;
-        let vt = history.rmatvec(&dx)?;
-        // M dg and M g_new share one pass over the history; M g_new then only needs the new
-        // pair's term to become the next update (unless the oldest pair was dropped).
-        let (m_dg, m_g) = history.matvec2(&dg, &g_new)?;
-        let u = (&dx - m_dg)?.broadcast_div(&dot(&vt, &dg)?)?;
-        let (u, vt) = (nan_to_zero(&u)?, nan_to_zero(&vt)?);
-        let m_g_next = match history.push(u.clone(), vt.clone()) {
-            Pushed::Appended => (m_g + u.broadcast_mul(&dot(&vt, &g_new)?)?)?,
-            Pushed::ReplacedOldest => history.matvec(&g_new)?,
-            Pushed::Dropped => m_g,
-        };
-        update = m_g_next.neg()?;
-        x = x_new;
+        let change = history.change_for_next_push();
+        let (us, vs) = history.halves();
+        let next = broyden_update(
+            BroydenStep {
+                x: &x,
+                x_new: &x_new,
+                g: &gx,
+                g_new: &g_new,
+            },
+            Pairs {
+                us: &us,
+                vs: &vs,
+                change,
+            },
+            &tracker.active_mask(&x_new)?,
+        )?;
+        history.push(next.u, next.vt);
+        x = std::mem::replace(&mut x_new, next.x_next);
         gx = g_new;
     }
     Ok(tracker.finish())
