@@ -165,6 +165,26 @@ fn time_it(
     })
 }
 
+/// This machine's copy bandwidth in bytes per second (read plus write), measured once: the best
+/// of five copies of 256 MiB, larger than any cache.
+pub fn copy_bandwidth() -> f64 {
+    static BANDWIDTH: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *BANDWIDTH.get_or_init(|| {
+        let n = 256 << 20;
+        let src = vec![1u8; n];
+        let mut dst = vec![0u8; n];
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                dst.copy_from_slice(&src);
+                std::hint::black_box(&dst);
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        2.0 * n as f64 / best
+    })
+}
+
 /// Peak resident memory of this process in MiB (VmHWM).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -368,7 +388,18 @@ pub fn run_mdeq(opts: &BenchOptions, compute: &Compute) -> Result<Vec<(&'static 
         ("train_step_frozen", Some(opts.freeze_eps)),
     ] {
         if opts.wants(name) {
-            let t = training::time_solver_figure(name, opts, device, || stand_in_step(freeze))?;
+            let t = training::time_solver_figure(
+                name,
+                opts,
+                device,
+                b * layout.size() * compute.dtype.size_in_bytes(),
+                || {
+                    Ok(stand_in_step(freeze)?
+                        .into_iter()
+                        .map(|s| ("forward", s))
+                        .collect())
+                },
+            )?;
             out.push((name, t));
         }
     }

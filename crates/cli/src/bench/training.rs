@@ -41,13 +41,24 @@ fn labels(
     })
 }
 
-/// How much of the whole-batch work the forward solve did: mean steps and evaluated samples
-/// over evaluations × batch.
-fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
+/// What one solve of a figure did: steps, converged samples, the share of the whole-batch
+/// work compaction left, and where its time went — the map (f, or the VJP) against the solver's
+/// own algebra and bookkeeping.
+fn describe(
+    name: &str,
+    direction: &str,
+    stats: &SolverStats,
+    batch: usize,
+    state_bytes: usize,
+) -> String {
     let share = stats.sample_evaluations as f64 / (stats.evaluations * batch).max(1) as f64;
+    let ms = |s: f64| 1e3 * s;
+    let algebra = stats.seconds - stats.map_seconds;
+    let bound = traffic_bound_seconds(stats.steps, state_bytes);
     format!(
-        "{name}: forward solve {} steps, {} of {} samples converged, f evaluated on {:.0}% of the \
-         whole-batch sample count",
+        "{name}: {direction} solve {} steps, {} of {} samples converged, map evaluated on {:.0}% \
+         of the whole-batch sample count; {:.0} ms = map {:.0} ms + solver algebra {:.0} ms \
+         ({:.0}%, {:.1} ms per step; memory-traffic bound {:.0} ms, {:.1}x it)",
         stats.steps,
         stats
             .status
@@ -55,25 +66,46 @@ fn describe(name: &str, stats: &SolverStats, batch: usize) -> String {
             .filter(|s| **s == mdeq_deq::SampleStatus::Converged)
             .count(),
         batch,
-        100.0 * share
+        100.0 * share,
+        ms(stats.seconds),
+        ms(stats.map_seconds),
+        ms(algebra),
+        100.0 * algebra / stats.seconds.max(1e-12),
+        ms(algebra) / stats.steps.max(1) as f64,
+        ms(bound),
+        algebra / bound.max(1e-12),
     )
 }
 
-/// Times a figure that runs a solver (fewer repeats: each takes a second or so) and prints what
-/// the forward solve of its last run did.
+/// The least time the solver's own algebra can take over `steps` Broyden steps on a state of
+/// `state_bytes`: the bytes it must move ÷ this machine's copy bandwidth. Step j (0-based) holds
+/// k = j pairs; its update reads x, x_new, g, g_new and the 2k history vectors and writes u, vᵀ
+/// and the next iterate (7 + 2k states); forming the residual reads f and x and writes g (3),
+/// its two norms read g and f (2), and keeping the best iterate reads two and writes one (3).
+fn traffic_bound_seconds(steps: usize, state_bytes: usize) -> f64 {
+    let states: usize = (0..steps).map(|k| 15 + 2 * k).sum();
+    (states * state_bytes) as f64 / super::copy_bandwidth()
+}
+
+/// The solves of one run of a figure, labelled "forward" / "backward".
+pub(super) type Solves = Vec<(&'static str, SolverStats)>;
+
+/// Times a figure that runs solvers (fewer repeats: each takes a second or so) and prints what
+/// the solves of its last run did.
 pub(super) fn time_solver_figure(
     name: &str,
     opts: &BenchOptions,
     device: &Device,
-    mut run: impl FnMut() -> Result<Option<SolverStats>>,
+    state_bytes: usize,
+    mut run: impl FnMut() -> Result<Solves>,
 ) -> Result<Timing> {
-    let mut last_stats = None;
+    let mut last = Solves::new();
     let timing = time_it(device, opts.warmup.min(1), opts.repeats.min(5), || {
-        last_stats = run()?;
+        last = run()?;
         Ok(())
     })?;
-    if let Some(s) = &last_stats {
-        eprintln!("{}", describe(name, s, opts.batch));
+    for (direction, s) in &last {
+        eprintln!("{}", describe(name, direction, s, opts.batch, state_bytes));
     }
     Ok(timing)
 }
@@ -89,6 +121,7 @@ pub fn figures(
     let b = opts.batch;
     let device = &compute.device;
     let image = randn((b, cfg.model.in_channels, hw.0, hw.1), 40, compute)?;
+    let state_bytes = b * model.layout(hw.0, hw.1).size() * compute.dtype.size_in_bytes();
     let task = cfg.model.task;
     let target = labels(task, b, cfg.model.num_classes, hw, device)?;
     let loss_fn = |logits: &Tensor| match task {
@@ -130,11 +163,16 @@ pub fn figures(
             continue;
         }
         let mut opt = Optimizer::new(&cfg.train, params.len());
-        let timing = time_solver_figure(name, opts, device, || {
+        let timing = time_solver_figure(name, opts, device, state_bytes, || {
             let g = train_gradients(model, &image, &masks, &loss_fn, rt, phase, None)?;
             let grads: Vec<Option<Tensor>> = g.grads.into_iter().map(|(_, t)| t).collect();
             opt.step(&params, &grads, 0.0)?;
-            Ok(g.forward_stats)
+            Ok(
+                [("forward", g.forward_stats), ("backward", g.backward_stats)]
+                    .into_iter()
+                    .filter_map(|(d, s)| Some((d, s?)))
+                    .collect(),
+            )
         })?;
         out.push((name, timing));
     }
@@ -143,16 +181,16 @@ pub fn figures(
         let injection = model.injection(&image, true)?;
         let layout = model.layout(hw.0, hw.1);
         let cell = model.cell().prepared(true)?;
-        let t = time_solver_figure("forward_solve", opts, device, || {
+        let t = time_solver_figure("forward_solve", opts, device, state_bytes, || {
             let (_, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, &base, None)?;
-            Ok(Some(stats))
+            Ok(vec![("forward", stats)])
         })?;
         out.push(("forward_solve", t));
     }
     if opts.wants("inference_per_image") {
-        let t = time_solver_figure("inference_per_image", opts, device, || {
+        let t = time_solver_figure("inference_per_image", opts, device, state_bytes, || {
             let (_, _, stats) = eval_forward(model, &image, &base)?;
-            Ok(Some(stats))
+            Ok(vec![("forward", stats)])
         })?;
         let per = |ms: f64| ms / b as f64;
         out.push((

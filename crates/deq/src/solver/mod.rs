@@ -126,6 +126,13 @@ pub struct SolverStats {
     pub lowest_step: Vec<usize>,
     /// How each sample's solve ended.
     pub status: Vec<SampleStatus>,
+    /// Wall time of the whole solve, in seconds (on a GPU: until its last launch returned).
+    #[serde(default)]
+    pub seconds: f64,
+    /// The part of it spent evaluating the map (f, or the VJP in a backward solve); the rest is
+    /// the solver's own algebra and bookkeeping.
+    #[serde(default)]
+    pub map_seconds: f64,
 }
 
 impl SolverStats {

@@ -6,6 +6,7 @@ use super::{
     Coupling, FixedPointMap, SampleStatus, Solution, SolverOptions, SolverStats, StopMode,
 };
 use candle_core::{DType, Result, Tensor};
+use std::time::Instant;
 
 /// Tracks residuals and the best iterate of one solve.
 pub struct ResidualTracker {
@@ -19,6 +20,8 @@ pub struct ResidualTracker {
     first_objective: Option<Vec<f64>>,
     /// f at the previous evaluation (its frozen rows are reused when f is compacted).
     previous_f: Option<Tensor>,
+    /// When the solve began.
+    started: Instant,
 }
 
 impl ResidualTracker {
@@ -40,11 +43,14 @@ impl ResidualTracker {
                 lowest: vec![1e8; batch],
                 lowest_step: vec![0; batch],
                 status: vec![SampleStatus::MaxSteps; batch],
+                seconds: 0.0,
+                map_seconds: 0.0,
             },
             best: z0.clone(),
             active: vec![true; batch],
             first_objective: None,
             previous_f: None,
+            started: Instant::now(),
         })
     }
 
@@ -52,7 +58,9 @@ impl ResidualTracker {
     /// frozen samples where they were when f was last evaluated, so their rows of f are reused.
     pub fn evaluate(&mut self, f: &mut dyn FixedPointMap, x: &Tensor) -> Result<Tensor> {
         let previous = self.previous_f.as_ref().filter(|_| self.opts.compact_batch);
+        let t = Instant::now();
         let (fx, rows) = compaction::evaluate(f, x, &self.active, previous)?;
+        self.stats.map_seconds += t.elapsed().as_secs_f64();
         self.stats.evaluations += 1;
         self.stats.sample_evaluations += rows;
         self.previous_f = Some(fx.clone());
@@ -161,7 +169,8 @@ impl ResidualTracker {
     }
 
     /// Ends tracking and returns the best iterate with the statistics.
-    pub fn finish(self) -> Solution {
+    pub fn finish(mut self) -> Solution {
+        self.stats.seconds = self.started.elapsed().as_secs_f64();
         Solution {
             z: self.best,
             stats: self.stats,
@@ -192,6 +201,8 @@ pub fn merge_better(a: Solution, b: Solution) -> Result<Solution> {
     stats.evaluations += b.stats.evaluations;
     stats.sample_evaluations += b.stats.sample_evaluations;
     stats.steps += b.stats.steps;
+    stats.seconds += b.stats.seconds;
+    stats.map_seconds += b.stats.map_seconds;
     stats.abs_trace.extend(b.stats.abs_trace.iter().cloned());
     stats.rel_trace.extend(b.stats.rel_trace.iter().cloned());
     for (i, &take) in take_b.iter().enumerate() {
