@@ -34,5 +34,5 @@ pub use element::fast_path;
 pub use group_norm::{group_norm, group_norm_input_grad, group_norm_relu};
 pub use low_rank::{low_rank_apply, low_rank_apply_many};
 pub use relu::{relu, relu_grad};
-pub use row_norms::row_sq_norms;
+pub use row_norms::{residual_with_norms, row_sq_norms};
 pub use upsample::{nearest_upsample, nearest_upsample_grad};

@@ -204,3 +204,26 @@ fn fused_broyden_update_matches_candle_ops_and_the_secant_condition() -> mdeq_te
     }
     Ok(())
 }
+
+/// The residual with both norms in one pass equals the subtraction and two norms of candle's
+/// ops: g exactly (one rounding either way), the float64 norms to rounding.
+#[test]
+fn residual_with_norms_matches_candle_ops() -> mdeq_testkit::Result {
+    use mdeq_kernels::{residual_with_norms, with_kernels, KernelChoice};
+    for dtype in [DType::F32, DType::F64] {
+        let f = wave((6, 301), 0.8, 0.3)?.to_dtype(dtype)?;
+        let x = wave((6, 301), 1.7, 0.1)?.to_dtype(dtype)?;
+        let (g, g2, f2) = residual_with_norms(&f, &x)?;
+        let (gr, g2r, f2r) =
+            with_kernels(KernelChoice::Portable, || residual_with_norms(&f, &x))?;
+        assert_eq!(
+            g.to_dtype(DType::F64)?.to_vec2::<f64>()?,
+            gr.to_dtype(DType::F64)?.to_vec2::<f64>()?
+        );
+        for (a, b) in g2.iter().zip(&g2r).chain(f2.iter().zip(&f2r)) {
+            assert!((a - b).abs() <= 1e-12 * b, "{dtype:?}: {a} vs {b}");
+        }
+    }
+    assert!(residual_with_norms(&wave((2, 3), 0.1, 0.1)?, &wave((3, 2), 0.1, 0.1)?).is_err());
+    Ok(())
+}

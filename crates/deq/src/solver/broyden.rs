@@ -7,7 +7,7 @@
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};
 use candle_core::{Result, Tensor};
-use mdeq_kernels::{broyden_update, BroydenStep, HistoryChange, Pairs};
+use mdeq_kernels::{broyden_update, residual_with_norms, BroydenStep, HistoryChange, Pairs};
 use std::collections::VecDeque;
 
 /// Broyden-specific options.
@@ -94,8 +94,8 @@ pub fn solve(
     let mut x_new = (&x + gx.broadcast_mul(&tracker.active_mask(&x)?)?)?;
     while tracker.stats_steps() < opts.threshold {
         let fx = tracker.evaluate(f, &x_new)?;
-        let g_new = (&fx - &x_new)?;
-        tracker.record(&x_new, &g_new, &fx)?;
+        let (g_new, g2, f2) = residual_with_norms(&fx, &x_new)?;
+        tracker.record_norms(&x_new, &g2, &f2)?;
         if tracker.done() || tracker.stats_steps() == opts.threshold {
             break;
         }

@@ -91,14 +91,19 @@ impl ResidualTracker {
     /// solver's own residual vector). Updates the best iterate (`candidate`, which is `x` for
     /// Broyden and Anderson and `fx` for fixed-point iteration) and applies the stop rules.
     pub fn record(&mut self, candidate: &Tensor, residual: &Tensor, fx: &Tensor) -> Result<()> {
-        self.stats.steps += 1;
-        let step = self.stats.steps;
         let r2 = mdeq_kernels::row_sq_norms(residual)?;
         let f2 = mdeq_kernels::row_sq_norms(fx)?;
+        self.record_norms(candidate, &r2, &f2)
+    }
+
+    /// [`Self::record`] from the squared row norms of the residual (`r2`) and of f (`f2`).
+    pub fn record_norms(&mut self, candidate: &Tensor, r2: &[f64], f2: &[f64]) -> Result<()> {
+        self.stats.steps += 1;
+        let step = self.stats.steps;
         let (abs, rel): (Vec<f64>, Vec<f64>) = match self.opts.coupling {
             Coupling::PerSample => r2
                 .iter()
-                .zip(&f2)
+                .zip(f2)
                 .map(|(r, f)| (r.sqrt(), r.sqrt() / (f.sqrt() + self.rel_floor)))
                 .unzip(),
             Coupling::Official => {
@@ -147,7 +152,10 @@ impl ResidualTracker {
         }
         self.stats.abs_trace.push(abs);
         self.stats.rel_trace.push(rel);
-        if improved.iter().any(|&i| i) {
+        if improved.iter().all(|&i| i) {
+            // Every sample improved (the common case while a solve descends): no copy at all.
+            self.best = candidate.clone();
+        } else if improved.iter().any(|&i| i) {
             let mask: Vec<f64> = improved
                 .iter()
                 .map(|&i| if i { 1.0 } else { 0.0 })
