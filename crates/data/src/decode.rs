@@ -5,8 +5,12 @@
 //! latest) unwrap a `None` in its AVX2 IDCT. A panic inside a decoder is therefore turned into an
 //! error naming the file, and the panic's default report is kept off stderr for it, so that the
 //! user sees one line about their file rather than a backtrace about a crate they never chose.
-//! The decoders' own allocation limit (the `image` crate's default, 512 MiB) bounds what a
-//! small file can make them allocate.
+//!
+//! What a decoder may allocate is bounded by what the file can hold: deflate expands at most
+//! 1032:1, and a JPEG's smallest 8×8 block costs about half a byte for 192 bytes of RGB, so no
+//! genuine image decodes to more than about 1100 bytes per byte of file. A 4 KiB file that
+//! claims 20,000 × 20,000 pixels is refused instead of making the decoder allocate 1.2 GB (the
+//! `image` crate's default limit, 512 MiB, still caps everything).
 
 use crate::DataError;
 use std::cell::Cell;
@@ -31,13 +35,30 @@ fn quiet_decoder_panics() {
     });
 }
 
+/// The most a decoder may allocate for a file of `file_bytes`: [`EXPANSION`] per byte, at
+/// least 16 MiB (headers and small images), at most 512 MiB.
+pub(crate) fn max_decoded_bytes(file_bytes: u64) -> u64 {
+    file_bytes
+        .saturating_mul(EXPANSION)
+        .clamp(16 << 20, 512 << 20)
+}
+
+/// Decoded bytes per file byte no genuine PNG or JPEG exceeds (see the module comment).
+const EXPANSION: u64 = 1100;
+
 /// Decodes the image file at `path` (format guessed from its bytes); `what` names the kind of
 /// file in errors ("image", "label map").
 pub(crate) fn decode_file(path: &Path, what: &str) -> Result<image::DynamicImage, DataError> {
-    let reader = image::ImageReader::open(path)
+    let mut reader = image::ImageReader::open(path)
         .map_err(|e| DataError::io(path.display(), e))?
         .with_guessed_format()
         .map_err(|e| DataError::io(path.display(), e))?;
+    let file_bytes = std::fs::metadata(path)
+        .map_err(|e| DataError::io(path.display(), e))?
+        .len();
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_decoded_bytes(file_bytes));
+    reader.limits(limits);
     quiet_decoder_panics();
     IN_DECODER.with(|c| c.set(true));
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()));

@@ -256,3 +256,35 @@ fn a_jpeg_that_crashes_the_decoder_is_an_error_naming_the_file() -> mdeq_testkit
     }
     Ok(())
 }
+
+/// A 1×1 PNG whose header is rewritten to claim 20,000 × 20,000 pixels (CRC fixed, so only the
+/// size lies): a few dozen bytes that would have the decoder allocate 400 MB before finding the
+/// data missing. It is refused within what the file can hold, naming the file.
+#[test]
+fn an_image_claiming_far_more_pixels_than_its_file_holds_is_refused() -> mdeq_testkit::Result {
+    let dir = scratch("image-size-lie");
+    let path = dir.join("liar.png");
+    image::GrayImage::from_pixel(1, 1, image::Luma([7])).save(&path)?;
+    let mut png = std::fs::read(&path)?;
+    // Signature (8), IHDR length (4), "IHDR" (4), then width and height; the CRC covers the
+    // chunk type and data (17 bytes) and follows them.
+    png[16..20].copy_from_slice(&20_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&20_000u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    std::fs::write(&path, &png)?;
+    let e = mdeq_data::image_folder::decode_image(&path, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("liar.png") && e.contains("cannot decode image"),
+        "{e}"
+    );
+    assert!(
+        e.to_lowercase().contains("limit"),
+        "refused by the size limit: {e}"
+    );
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
