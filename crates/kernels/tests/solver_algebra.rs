@@ -214,8 +214,7 @@ fn residual_with_norms_matches_candle_ops() -> mdeq_testkit::Result {
         let f = wave((6, 301), 0.8, 0.3)?.to_dtype(dtype)?;
         let x = wave((6, 301), 1.7, 0.1)?.to_dtype(dtype)?;
         let (g, g2, f2) = residual_with_norms(&f, &x)?;
-        let (gr, g2r, f2r) =
-            with_kernels(KernelChoice::Portable, || residual_with_norms(&f, &x))?;
+        let (gr, g2r, f2r) = with_kernels(KernelChoice::Portable, || residual_with_norms(&f, &x))?;
         assert_eq!(
             g.to_dtype(DType::F64)?.to_vec2::<f64>()?,
             gr.to_dtype(DType::F64)?.to_vec2::<f64>()?
