@@ -226,3 +226,47 @@ fn residual_with_norms_matches_candle_ops() -> mdeq_testkit::Result {
     assert!(residual_with_norms(&wave((2, 3), 0.1, 0.1)?, &wave((3, 2), 0.1, 0.1)?).is_err());
     Ok(())
 }
+
+/// Anderson's Gram row and mixing against candle's ops (portable kernels), in both float types;
+/// the mixing weights of one row touch that row only.
+#[test]
+fn anderson_gram_row_and_mixing_match_candle_ops() -> mdeq_testkit::Result {
+    use mdeq_kernels::{mix_rows, row_dots, with_kernels, KernelChoice};
+    let (rows, d, n) = (4, 157, 5);
+    for (dtype, tol) in [(DType::F64, 1e-13), (DType::F32, 1e-6)] {
+        let ts: Vec<Tensor> = (0..n)
+            .map(|i| {
+                wave((rows, d), 0.3 + 0.4 * i as f64, 0.2)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            })
+            .collect();
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let weights: Vec<Vec<f64>> = (0..rows)
+            .map(|r| (0..n).map(|i| ((r * n + i) as f64 * 0.37).sin()).collect())
+            .collect();
+        let run = |k| {
+            with_kernels(k, || -> candle_core::Result<_> {
+                Ok((row_dots(&ts[2], &refs)?, mix_rows(&weights, &refs)?))
+            })
+        };
+        let ((dots, mix), (dots_ref, mix_ref)) =
+            (run(KernelChoice::Native)?, run(KernelChoice::Portable)?);
+        for (a, b) in dots.iter().flatten().zip(dots_ref.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
+                "{dtype:?} dots: {a} vs {b}"
+            );
+        }
+        let rel = max_rel(&mix, &mix_ref)?;
+        assert!(rel < tol, "{dtype:?} mix: {rel}");
+        // Row 1 of the mix is row 1 of the inputs weighted by weights[1].
+        let by_hand = (0..n).try_fold(Tensor::zeros(d, dtype, ts[0].device())?, |acc, i| {
+            acc + (ts[i].get(1)? * weights[1][i])?
+        })?;
+        assert!(max_rel(&mix.get(1)?, &by_hand)? < tol);
+    }
+    assert!(mix_rows(&[vec![1.0]], &[]).is_err());
+    Ok(())
+}

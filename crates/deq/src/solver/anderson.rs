@@ -7,7 +7,8 @@
 
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
+use mdeq_kernels::{mix_rows, residual_with_norms, row_dots};
 
 /// Default history size.
 pub fn default_m() -> usize {
@@ -102,10 +103,27 @@ pub fn solve(
     let (b, _) = z0.dims2()?;
     let m = a.m.max(1);
     let mut tracker = ResidualTracker::new("anderson", z0, opts, 1e-5)?;
+    // History slots: iterate, f of it, and its residual g = f − x, kept from the evaluation.
     let mut xs: Vec<Tensor> = vec![z0.clone()];
     let f0 = tracker.evaluate(f, z0)?;
-    let mut fs: Vec<Tensor> = vec![f0.clone()];
-    tracker.record(z0, &(&f0 - z0)?, &f0)?;
+    let (g0, g2, f2) = residual_with_norms(&f0, z0)?;
+    tracker.record_norms(z0, &g2, &f2)?;
+    let mut fs: Vec<Tensor> = vec![f0];
+    let mut gs: Vec<Tensor> = vec![g0];
+    // Per sample, the Gram matrix ⟨g_i, g_j⟩ of the slots (m × m, float64), updated by the new
+    // slot's row and column only.
+    let mut gram = vec![vec![0f64; m * m]; b];
+    let set_gram_row = |gram: &mut [Vec<f64>], slot: usize, gs: &[Tensor]| -> Result<()> {
+        let refs: Vec<&Tensor> = gs.iter().collect();
+        for (gb, d) in gram.iter_mut().zip(row_dots(&gs[slot], &refs)?) {
+            for (j, v) in d.into_iter().enumerate() {
+                gb[slot * m + j] = v;
+                gb[j * m + slot] = v;
+            }
+        }
+        Ok(())
+    };
+    set_gram_row(&mut gram, 0, &gs)?;
     let mut k = 1;
     let mut newest = 0;
     while tracker.stats_steps() < opts.threshold && !tracker.done() {
@@ -114,27 +132,22 @@ pub fn solve(
         let x_next = if n == 1 {
             fs[0].clone()
         } else {
-            let gs: Vec<Tensor> = (0..n).map(|i| &fs[i] - &xs[i]).collect::<Result<_>>()?;
-            let g = Tensor::stack(&gs, 1)?.to_dtype(DType::F64)?; // (B, n, D)
-            let gram = g.matmul(&g.t()?)?.to_vec3::<f64>()?;
-            let mut weights = Vec::with_capacity(b * n);
-            for gram_b in gram.iter() {
-                let flat: Vec<f64> = gram_b.iter().flatten().cloned().collect();
-                let alpha = mixing_weights(&flat, n, a.lambda).unwrap_or_else(|| {
-                    let mut w = vec![0.0; n];
-                    w[newest] = 1.0;
-                    w
-                });
-                weights.extend(alpha);
-            }
-            let alpha = Tensor::from_vec(weights, (b, 1, n), z0.device())?.to_dtype(z0.dtype())?;
-            let fstack = Tensor::stack(&fs, 1)?; // (B, n, D)
-            let mixed_f = alpha.matmul(&fstack)?.squeeze(1)?;
+            let weights: Vec<Vec<f64>> = gram
+                .iter()
+                .map(|gb| {
+                    let sub: Vec<f64> = (0..n * n).map(|ij| gb[(ij / n) * m + ij % n]).collect();
+                    mixing_weights(&sub, n, a.lambda).unwrap_or_else(|| {
+                        let mut w = vec![0.0; n];
+                        w[newest] = 1.0;
+                        w
+                    })
+                })
+                .collect();
+            let mixed_f = mix_rows(&weights, &fs.iter().collect::<Vec<_>>())?;
             if a.beta == 1.0 {
                 mixed_f
             } else {
-                let xstack = Tensor::stack(&xs, 1)?;
-                let mixed_x = alpha.matmul(&xstack)?.squeeze(1)?;
+                let mixed_x = mix_rows(&weights, &xs.iter().collect::<Vec<_>>())?;
                 ((mixed_f * a.beta)? + (mixed_x * (1.0 - a.beta))?)?
             }
         };
@@ -142,16 +155,20 @@ pub fn solve(
         let mask = tracker.active_mask(&prev)?;
         let x_next = (&prev + (x_next - &prev)?.broadcast_mul(&mask)?)?;
         let fx = tracker.evaluate(f, &x_next)?;
-        tracker.record(&x_next, &(&fx - &x_next)?, &fx)?;
+        let (gx, g2, f2) = residual_with_norms(&fx, &x_next)?;
+        tracker.record_norms(&x_next, &g2, &f2)?;
         if xs.len() == m {
             newest = k % m;
             xs[newest] = x_next;
             fs[newest] = fx;
+            gs[newest] = gx;
         } else {
             newest = xs.len();
             xs.push(x_next);
             fs.push(fx);
+            gs.push(gx);
         }
+        set_gram_row(&mut gram, newest, &gs)?;
         k += 1;
     }
     Ok(tracker.finish())
