@@ -235,6 +235,17 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<(ExperimentConfig, Mdeq), CheckpointError> {
+    let (config, model, _) = load_with_state(path, dtype, device)?;
+    Ok((config, model))
+}
+
+/// [`load`], with where the training run stood when it wrote the checkpoint (None for an
+/// imported one).
+pub fn load_with_state(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ExperimentConfig, Mdeq, Option<TrainingState>), CheckpointError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: p.clone(),
@@ -248,7 +259,26 @@ pub fn load(
         .filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX))
         .collect();
     load_into(&model, weights, &p)?;
-    Ok((config, model))
+    let state = training_state(&bytes, &p)?;
+    Ok((config, model, state))
+}
+
+/// The training state a checkpoint's metadata holds, if any.
+fn training_state(bytes: &[u8], path: &str) -> Result<Option<TrainingState>, CheckpointError> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| CheckpointError::format(path, format!("invalid safetensors: {e}")))?;
+    meta.metadata()
+        .as_ref()
+        .and_then(|m| m.get(TRAINING_STATE_KEY))
+        .map(|text| {
+            serde_json::from_str(text).map_err(|e| {
+                CheckpointError::format(
+                    path,
+                    format!("training state ('{TRAINING_STATE_KEY}'): {e}"),
+                )
+            })
+        })
+        .transpose()
 }
 
 /// The TOML lines in which two configs differ, `-` for `a`'s and `+` for `b`'s.

@@ -4,10 +4,12 @@
 use crate::compute::ComputeArgs;
 use anyhow::Result;
 use mdeq_checkpoint::format;
+use mdeq_checkpoint::format::TrainingState;
 use mdeq_data::Split;
 use mdeq_model::Compute;
+use mdeq_recipe::ExperimentConfig;
 use mdeq_train::data::RecipeSplit;
-use mdeq_train::evaluate::{evaluate, EvalMode, EvalResult};
+use mdeq_train::evaluate::{evaluate, EvalResult, Forward};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +39,10 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// The forward to evaluate with [default: the one the checkpoint was trained with —
+    /// unrolled for a checkpoint written during pretraining, else deq].
+    #[arg(long, value_enum)]
+    pub mode: Option<Forward>,
     /// Where and in what the model computes.
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -83,7 +89,9 @@ pub fn evaluate_checkpoint(req: &Args) -> Result<(Vec<EvalPoint>, Vec<String>)> 
 }
 
 fn evaluate_on(req: &Args, compute: &Compute) -> Result<(Vec<EvalPoint>, Vec<String>)> {
-    let (cfg, model) = format::load(&req.checkpoint, compute.dtype, &compute.device)?;
+    let (cfg, model, state) =
+        format::load_with_state(&req.checkpoint, compute.dtype, &compute.device)?;
+    let forward = chosen_forward(&cfg, state.as_ref(), req.mode, &req.checkpoint);
     let data = req
         .data
         .clone()
@@ -100,10 +108,39 @@ fn evaluate_on(req: &Args, compute: &Compute) -> Result<(Vec<EvalPoint>, Vec<Str
         let mut deq = cfg.deq.clone();
         deq.f_thres = t;
         let rt = deq.runtime();
-        let result = evaluate(&model, &loader, EvalMode::Deq(&rt), req.limit)?;
+        let result = evaluate(&model, &loader, forward.mode(&cfg, &rt), req.limit)?;
         points.push(EvalPoint { f_thres: t, result });
     }
     Ok((points, test.kind.class_names(cfg.model.num_classes)))
+}
+
+/// The forward `mode` asks for, else the one the checkpoint was trained with; says on stderr
+/// which, and why.
+pub fn chosen_forward(
+    cfg: &ExperimentConfig,
+    state: Option<&TrainingState>,
+    mode: Option<Forward>,
+    checkpoint: &Path,
+) -> Forward {
+    let trained = Forward::trained(cfg, state.map(|s| s.step));
+    let why = match (mode, state) {
+        (Some(m), _) if m != trained => format!("as --mode asks; it was trained {trained:?}"),
+        (Some(_), _) => "as --mode asks".to_string(),
+        (None, Some(s)) if trained == Forward::Unrolled => format!(
+            "written at step {} of {} unrolled pretraining steps: not yet trained as a DEQ; \
+             --mode deq solves instead",
+            s.step, cfg.deq.pretrain_steps
+        ),
+        (None, Some(s)) => format!("trained as a DEQ (written at step {})", s.step),
+        (None, None) => "imported weights".to_string(),
+    };
+    let forward = mode.unwrap_or(trained);
+    let name = match forward {
+        Forward::Deq => "DEQ mode (the forward solve)",
+        Forward::Unrolled => "unrolled mode",
+    };
+    eprintln!("evaluating {} in {name}: {why}", checkpoint.display());
+    forward
 }
 
 /// The human-readable report: one line per threshold, then the per-class IoU table of the last.

@@ -2,15 +2,17 @@
 //! colour label map and an overlay PNG per image.
 
 use crate::compute::ComputeArgs;
+use crate::eval::chosen_forward;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use mdeq_checkpoint::format;
 use mdeq_data::image_folder::decode_image;
 use mdeq_data::{DatasetKind, Image};
-use mdeq_model::equilibrium::eval_forward;
+use mdeq_model::equilibrium::{eval_forward, unrolled_forward};
 use mdeq_model::params::all_finite;
 use mdeq_model::{Compute, Mdeq, Task};
 use mdeq_recipe::ExperimentConfig;
+use mdeq_train::evaluate::Forward;
 use mdeq_train::loss::predict_pixels;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -50,6 +52,9 @@ pub struct Args {
     /// Image files (PNG or JPEG).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+    /// The forward to predict with [default: the one the checkpoint was trained with].
+    #[arg(long, value_enum)]
+    pub mode: Option<Forward>,
     /// Where and in what the model computes.
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -58,22 +63,20 @@ pub struct Args {
 /// Predicts and prints every image.
 pub fn run(args: Args) -> Result<()> {
     let compute = args.compute.resolve()?;
-    let preds = predict_images(
-        &args.checkpoint,
-        &args.images,
-        args.top_k,
-        &args.out,
-        &compute,
-    )?;
+    let preds = predict_images(&args, &compute)?;
     if args.json {
         println!("{}", serde_json::json!({ "predictions": preds }));
         return Ok(());
     }
     for p in &preds {
-        println!(
-            "{} ({} solver steps, residual {:.1e})",
-            p.image, p.solver_steps, p.residual
-        );
+        if p.residual.is_nan() {
+            println!("{} (unrolled forward)", p.image);
+        } else {
+            println!(
+                "{} ({} solver steps, residual {:.1e})",
+                p.image, p.solver_steps, p.residual
+            );
+        }
         for (c, name, prob) in &p.top {
             println!("  {:>6.2}%  {name} ({c})", 100.0 * prob);
         }
@@ -84,29 +87,24 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Predicts every image in `images` with the checkpoint; segmentation PNGs go to `out`.
-pub fn predict_images(
-    checkpoint: &Path,
-    images: &[PathBuf],
-    top_k: usize,
-    out: &Path,
-    compute: &Compute,
-) -> Result<Vec<Prediction>> {
+/// Predicts every image of `args` with its checkpoint; segmentation PNGs go to `args.out`.
+pub fn predict_images(args: &Args, compute: &Compute) -> Result<Vec<Prediction>> {
     compute.run(|| {
-        let (cfg, model) = format::load(checkpoint, compute.dtype, &compute.device)?;
-        predict_with(&cfg, &model, checkpoint, images, top_k, out)
+        let (cfg, model, state) =
+            format::load_with_state(&args.checkpoint, compute.dtype, &compute.device)?;
+        let forward = chosen_forward(&cfg, state.as_ref(), args.mode, &args.checkpoint);
+        predict_with(&cfg, &model, forward, args)
     })
 }
 
-/// [`predict_images`] with the checkpoint's recipe and model loaded.
+/// [`predict_images`] with the checkpoint's recipe, model and forward chosen.
 fn predict_with(
     cfg: &ExperimentConfig,
     model: &Mdeq,
-    checkpoint: &Path,
-    images: &[PathBuf],
-    top_k: usize,
-    out: &Path,
+    forward: Forward,
+    args: &Args,
 ) -> Result<Vec<Prediction>> {
+    let (checkpoint, images, top_k, out) = (&args.checkpoint, &args.images, args.top_k, &args.out);
     let compute_device = model.device();
     let kind = DatasetKind::parse(&cfg.data.dataset)?;
     let names = kind.class_names(cfg.model.num_classes);
@@ -131,7 +129,17 @@ fn predict_with(
             compute_device,
         )?
         .to_dtype(model.dtype())?;
-        let (logits, _, stats) = eval_forward(model, &x, &rt)?;
+        let (logits, steps, residual) = match forward {
+            Forward::Deq => {
+                let (logits, _, stats) = eval_forward(model, &x, &rt)?;
+                (logits, stats.steps, stats.worst_lowest())
+            }
+            Forward::Unrolled => (
+                unrolled_forward(model, &x, cfg.model.num_layers)?,
+                0,
+                f64::NAN,
+            ),
+        };
         if !all_finite(&logits)? {
             bail!(
                 "{}: the model's output is not finite (NaN or ±inf); check that {} holds finite weights",
@@ -143,8 +151,8 @@ fn predict_with(
             image: path.display().to_string(),
             top: Vec::new(),
             written: Vec::new(),
-            solver_steps: stats.steps,
-            residual: stats.worst_lowest(),
+            solver_steps: steps,
+            residual,
         };
         match cfg.model.task {
             Task::Classification => {

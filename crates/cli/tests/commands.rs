@@ -389,3 +389,69 @@ fn cuda_without_cuda_is_one_clear_error() -> mdeq_testkit::Result {
     assert!(stderr.contains("cpu, cuda or cuda:N"), "{stderr}");
     Ok(())
 }
+
+/// A checkpoint written during unrolled pretraining is evaluated (and predicted) unrolled, as
+/// training validated it, and says so; its score is the run's own evaluation of that
+/// checkpoint; `--mode deq` solves instead. A checkpoint past pretraining solves by default.
+#[test]
+fn eval_uses_the_forward_the_checkpoint_was_trained_with() -> mdeq_testkit::Result {
+    let recipe = classification_recipe().replace("pretrain_steps = 2", "pretrain_steps = 50");
+    assert!(recipe.contains("pretrain_steps = 50"));
+    let (root, data, cfg) = setup("cls-mode", &recipe)?;
+    let out = root.join("run");
+    let ckpt = train_briefly(&cfg, &data, &out);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let run_eval: Value = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .rfind(|v| v["kind"] == "eval")
+        .context("the run evaluated at its end")?;
+    let eval = |mode: Option<&str>| -> mdeq_testkit::Result<(Value, String)> {
+        let mut args = ["eval", "--checkpoint", s(&ckpt), "--data", s(&data)].to_vec();
+        args.push("--json");
+        if let Some(m) = mode {
+            args.extend(["--mode", m]);
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+            .args(&args)
+            .output()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Ok((
+            last_json(&String::from_utf8(o.stdout)?),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ))
+    };
+    let (unrolled, said) = eval(None)?;
+    assert!(
+        said.contains("unrolled mode") && said.contains("step 4 of 50"),
+        "{said}"
+    );
+    assert_eq!(
+        unrolled["top1"], run_eval["top1"],
+        "eval = the run's own evaluation"
+    );
+    assert_eq!(unrolled["mean_steps"], 0.0);
+    let (deq, said) = eval(Some("deq"))?;
+    assert!(
+        said.contains("DEQ mode") && said.contains("--mode asks"),
+        "{said}"
+    );
+    assert!(deq["mean_steps"].as_f64().unwrap() > 0.0);
+    // Past pretraining (the standard recipe pretrains for 2 of its 4 steps): DEQ by default.
+    let (root2, data2, cfg2) = setup("cls-mode-deq", &classification_recipe())?;
+    let ckpt2 = train_briefly(&cfg2, &data2, &root2.join("run"));
+    let o = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+        .args([
+            "eval",
+            "--checkpoint",
+            s(&ckpt2),
+            "--data",
+            s(&data2),
+            "--json",
+        ])
+        .output()?;
+    assert!(String::from_utf8_lossy(&o.stderr).contains("trained as a DEQ"));
+    std::fs::remove_dir_all(root)?;
+    std::fs::remove_dir_all(root2)?;
+    Ok(())
+}

@@ -71,6 +71,36 @@ pub enum EvalMode<'a> {
     Unrolled(usize),
 }
 
+/// The forward a model is evaluated with: the DEQ solve, or the unrolled stack of pretraining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// Solve for the equilibrium (the trained DEQ).
+    Deq,
+    /// `num_layers` unrolled applications of f (the pretraining phase).
+    Unrolled,
+}
+
+impl Forward {
+    /// The forward a model was trained with after `steps_done` optimizer steps of `cfg`: unrolled
+    /// until the last pretraining step, as the official code validates; None (an imported
+    /// checkpoint) is a DEQ.
+    pub fn trained(cfg: &mdeq_recipe::ExperimentConfig, steps_done: Option<usize>) -> Self {
+        match steps_done {
+            Some(s) if s <= cfg.deq.pretrain_steps => Self::Unrolled,
+            _ => Self::Deq,
+        }
+    }
+
+    /// The evaluation mode for this forward.
+    pub fn mode<'a>(self, cfg: &mdeq_recipe::ExperimentConfig, rt: &'a DeqRuntime) -> EvalMode<'a> {
+        match self {
+            Self::Deq => EvalMode::Deq(rt),
+            Self::Unrolled => EvalMode::Unrolled(cfg.model.num_layers),
+        }
+    }
+}
+
 /// Evaluates `model` on the batches of `loader`, up to `limit` images.
 pub fn evaluate(
     model: &Mdeq,

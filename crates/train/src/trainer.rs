@@ -4,7 +4,7 @@
 //! and the step).
 
 use crate::data::RecipeSplit;
-use crate::evaluate::{batch_score, evaluate, EvalMode, EvalResult};
+use crate::evaluate::{batch_score, evaluate, EvalResult, Forward};
 use crate::optimizer::Optimizer;
 use crate::run_log::{RunLog, StepRecord};
 use crate::step::{train_step, Phase, StepPlan};
@@ -212,11 +212,7 @@ fn train_on(
             if epoch_done || step == stop {
                 // While pretraining the weights are not yet an equilibrium model: validate
                 // unrolled, as the official code does.
-                let mode = if step <= cfg.deq.pretrain_steps {
-                    EvalMode::Unrolled(cfg.model.num_layers)
-                } else {
-                    EvalMode::Deq(&plan.runtime)
-                };
+                let mode = Forward::trained(cfg, Some(step)).mode(cfg, &plan.runtime);
                 let result = evaluate(&model, &test_loader, mode, opts.eval_limit)?;
                 log.eval(step, epoch, &result)?;
                 eprintln!("eval after step {step}: {}", result.summary());
