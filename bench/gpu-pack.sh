@@ -6,7 +6,7 @@
 #
 # .gpu/mdeq.xz is the stripped release binary built with `--features cuda` (CUDA 13.0, sm_90a
 # unless CUDA_COMPUTE_CAP says otherwise), .gpu/fashion-mnist/ the Fashion-MNIST IDX files of
-# the training figure. A cold build takes about 25 minutes on two cores; the target folder
+# the training figure. A cold build took 16–26 minutes on two cores; the target folder
 # (MDEQ_CUDA_TARGET, default ~/.cache/mdeq-cuda/target) makes later ones minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
