@@ -57,23 +57,23 @@ pub fn residual_with_norms(f: &Tensor, x: &Tensor) -> Result<(Tensor, Vec<f64>, 
     }
     let (f, x) = (f.contiguous()?, x.contiguous()?);
     match f.dtype() {
-        DType::F32 => with_cpu_slices::<f32, _>(&[&f, &x], |s| {
-            let (g, g2, f2) = residual(s[0], s[1], rows, d);
-            Ok((
-                Tensor::from_vec(g, (rows, d), &candle_core::Device::Cpu)?,
-                g2,
-                f2,
-            ))
-        })?,
-        _ => with_cpu_slices::<f64, _>(&[&f, &x], |s| {
-            let (g, g2, f2) = residual(s[0], s[1], rows, d);
-            Ok((
-                Tensor::from_vec(g, (rows, d), &candle_core::Device::Cpu)?,
-                g2,
-                f2,
-            ))
-        })?,
+        DType::F32 => with_cpu_slices::<f32, _>(&[&f, &x], |s| residual_tensor(s, rows, d))?,
+        _ => with_cpu_slices::<f64, _>(&[&f, &x], |s| residual_tensor(s, rows, d))?,
     }
+}
+
+/// [`residual`] of the slices `s` = [f, x], with g as a tensor.
+fn residual_tensor<T: Element + candle_core::WithDType>(
+    s: &[&[T]],
+    rows: usize,
+    d: usize,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    let (g, g2, f2) = residual(s[0], s[1], rows, d);
+    Ok((
+        Tensor::from_vec(g, (rows, d), &candle_core::Device::Cpu)?,
+        g2,
+        f2,
+    ))
 }
 
 fn residual<T: Element>(f: &[T], x: &[T], rows: usize, d: usize) -> (Vec<T>, Vec<f64>, Vec<f64>) {
