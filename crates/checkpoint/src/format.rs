@@ -188,21 +188,8 @@ pub fn load_training(
             ),
         ));
     }
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        CheckpointError::format(
-            &p,
-            format!("not an mdeq checkpoint (invalid safetensors: {e})"),
-        )
-    })?;
-    let text = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(TRAINING_STATE_KEY))
-        .ok_or_else(|| {
-            CheckpointError::format(&p, "no training state: not written by `mdeq train`")
-        })?;
-    let state: TrainingState = serde_json::from_str(text).map_err(|e| {
-        CheckpointError::format(&p, format!("training state ('{TRAINING_STATE_KEY}'): {e}"))
+    let state = training_state(&bytes, &p)?.ok_or_else(|| {
+        CheckpointError::format(&p, "no training state: not written by `mdeq train`")
     })?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &HOST)
         .map_err(|e| CheckpointError::format(&p, e.to_string()))?;
@@ -265,8 +252,12 @@ pub fn load_with_state(
 
 /// The training state a checkpoint's metadata holds, if any.
 fn training_state(bytes: &[u8], path: &str) -> Result<Option<TrainingState>, CheckpointError> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| CheckpointError::format(path, format!("invalid safetensors: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        CheckpointError::format(
+            path,
+            format!("not an mdeq checkpoint (invalid safetensors: {e})"),
+        )
+    })?;
     meta.metadata()
         .as_ref()
         .and_then(|m| m.get(TRAINING_STATE_KEY))

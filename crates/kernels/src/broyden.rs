@@ -6,7 +6,7 @@
 //! history vectors are read twice (dot products, then updates), and every dot product is
 //! accumulated in float64.
 
-use crate::element::{fast_path, with_cpu_slices, Element};
+use crate::element::{check_operands, fast_path, with_cpu_slices, Element};
 use crate::low_rank::{low_rank_apply, low_rank_apply_many};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use crate::reduce::dot;
@@ -64,22 +64,12 @@ pub struct BroydenUpdate {
 pub fn broyden_update(step: BroydenStep, pairs: Pairs, mask: &Tensor) -> Result<BroydenUpdate> {
     let Pairs { us, vs, change } = pairs;
     let x = step.x;
-    let (rows, d) = x.dims2()?;
-    for t in [step.x_new, step.g, step.g_new]
-        .into_iter()
-        .chain(us.iter().copied())
-        .chain(vs.iter().copied())
-    {
-        if t.dims() != x.dims() || t.dtype() != x.dtype() {
-            candle_core::bail!(
-                "broyden_update: operand {:?} {:?} does not match x {:?} {:?}",
-                t.dims(),
-                t.dtype(),
-                x.dims(),
-                x.dtype()
-            );
-        }
-    }
+    let operands = [step.x_new, step.g, step.g_new].into_iter();
+    let (rows, d) = check_operands(
+        "broyden_update",
+        x,
+        operands.chain(us.iter().copied()).chain(vs.iter().copied()),
+    )?;
     if us.len() != vs.len() || mask.dims() != [rows, 1] {
         candle_core::bail!(
             "broyden_update: {} u, {} v, mask {:?} for {rows} rows",

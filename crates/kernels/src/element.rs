@@ -62,6 +62,28 @@ pub fn fast_path(t: &Tensor) -> bool {
         && crate::active_kernels() == crate::KernelChoice::Native
 }
 
+/// Checks that every tensor of `others` has the (B, D) shape and dtype of `x`, naming `what`;
+/// returns (B, D).
+pub(crate) fn check_operands<'a>(
+    what: &str,
+    x: &Tensor,
+    others: impl IntoIterator<Item = &'a Tensor>,
+) -> Result<(usize, usize)> {
+    let dims = x.dims2()?;
+    for t in others {
+        if t.dims() != x.dims() || t.dtype() != x.dtype() {
+            candle_core::bail!(
+                "{what}: operand {:?} {:?} does not match x {:?} {:?}",
+                t.dims(),
+                t.dtype(),
+                x.dims(),
+                x.dtype()
+            );
+        }
+    }
+    Ok(dims)
+}
+
 /// Runs `f` on the data of `tensors`, each contiguous, on the CPU and of dtype `T`.
 pub(crate) fn with_cpu_slices<T: Element, R>(
     tensors: &[&Tensor],

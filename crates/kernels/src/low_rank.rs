@@ -5,7 +5,7 @@
 //! product and a sum, each a fresh (B, D) tensor; here the k dot products and the k updates of
 //! one row run in one pass over each operand, rows spread over the threads.
 
-use crate::element::{fast_path, with_cpu_slices, Element};
+use crate::element::{check_operands, fast_path, with_cpu_slices, Element};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use crate::reduce::dot;
 use candle_core::{DType, Device, Result, Tensor};
@@ -30,18 +30,7 @@ pub fn low_rank_apply_many(xs: &[&Tensor], a: &[&Tensor], b: &[&Tensor]) -> Resu
     let Some(x) = xs.first() else {
         return Ok(Vec::new());
     };
-    let (rows, d) = x.dims2()?;
-    for t in a.iter().chain(b).chain(xs) {
-        if t.dims() != x.dims() || t.dtype() != x.dtype() {
-            candle_core::bail!(
-                "low_rank_apply: operand {:?} {:?} does not match x {:?} {:?}",
-                t.dims(),
-                t.dtype(),
-                x.dims(),
-                x.dtype()
-            );
-        }
-    }
+    let (rows, d) = check_operands("low_rank_apply", x, a.iter().chain(b).chain(xs).copied())?;
     if !fast_path(x) || a.is_empty() {
         return xs.iter().map(|x| composed(x, a, b)).collect();
     }

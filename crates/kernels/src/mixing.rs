@@ -3,31 +3,15 @@
 //! one pass each, rows over the threads. Composed from candle ops each step stacked the whole
 //! history into one float64 copy and recomputed the full Gram matrix.
 
-use crate::element::{fast_path, with_cpu_slices, Element};
+use crate::element::{check_operands, fast_path, with_cpu_slices, Element};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use crate::reduce::dot;
 use candle_core::{DType, Device, Result, Tensor};
 use multiversion::multiversion;
 
-fn check(what: &str, x: &Tensor, others: &[&Tensor]) -> Result<(usize, usize)> {
-    let (rows, d) = x.dims2()?;
-    for t in others {
-        if t.dims() != x.dims() || t.dtype() != x.dtype() {
-            candle_core::bail!(
-                "{what}: operand {:?} {:?} does not match {:?} {:?}",
-                t.dims(),
-                t.dtype(),
-                x.dims(),
-                x.dtype()
-            );
-        }
-    }
-    Ok((rows, d))
-}
-
 /// ⟨a_b, o_i,b⟩ for every row b and every tensor o_i, in float64: `out[b][i]`.
 pub fn row_dots(a: &Tensor, others: &[&Tensor]) -> Result<Vec<Vec<f64>>> {
-    let (rows, d) = check("row_dots", a, others)?;
+    let (rows, d) = check_operands("row_dots", a, others.iter().copied())?;
     if !fast_path(a) || others.is_empty() {
         let a64 = a.to_dtype(DType::F64)?;
         let cols = others
@@ -73,7 +57,7 @@ pub fn mix_rows(weights: &[Vec<f64>], ts: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = ts.first() else {
         candle_core::bail!("mix_rows: nothing to mix");
     };
-    let (rows, d) = check("mix_rows", first, ts)?;
+    let (rows, d) = check_operands("mix_rows", first, ts.iter().copied())?;
     if weights.len() != rows || weights.iter().any(|w| w.len() != ts.len()) {
         candle_core::bail!(
             "mix_rows: {} weight rows for {rows} rows of {} tensors",

@@ -1,7 +1,7 @@
 //! Squared Euclidean norm of every row of a (B, D) tensor, accumulated in float64: the residual
 //! norms a solver reads at every step, in one pass and without a float64 copy of the state.
 
-use crate::element::{fast_path, with_cpu_slices, Element};
+use crate::element::{check_operands, fast_path, with_cpu_slices, Element};
 use crate::parallel::{for_each_chunk, Shared};
 use crate::reduce::sum_by;
 use candle_core::{DType, Result, Tensor};
@@ -40,16 +40,7 @@ fn sum_sq<T: Element>(x: &[T]) -> f64 {
 /// A solver step's residual g = f − x with the squared row norms of g and of f, in one pass
 /// (three otherwise: the subtraction, then a pass for each norm).
 pub fn residual_with_norms(f: &Tensor, x: &Tensor) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
-    let (rows, d) = f.dims2()?;
-    if x.dims() != f.dims() || x.dtype() != f.dtype() {
-        candle_core::bail!(
-            "residual_with_norms: f {:?} {:?} and x {:?} {:?} differ",
-            f.dims(),
-            f.dtype(),
-            x.dims(),
-            x.dtype()
-        );
-    }
+    let (rows, d) = check_operands("residual_with_norms", f, [x])?;
     if !fast_path(f) {
         let g = (f - x)?;
         let (g2, f2) = (row_sq_norms(&g)?, row_sq_norms(f)?);
