@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use candle_core::DType;
+use mdeq_distributed::World;
 use mdeq_kernels::{active_kernels, KernelChoice};
 use mdeq_model::compute::{open_device, Compute, DeviceSpec};
 
@@ -55,13 +56,29 @@ impl ComputeArgs {
 
     /// Opens the device and says on stderr, once, what the command computes with.
     pub fn resolve(&self) -> Result<Compute> {
-        let device = open_device(self.device)?;
+        self.resolve_on(&World::single())
+    }
+
+    /// As [`Self::resolve`] for one rank of `world`: by default each rank on a machine drives
+    /// its own GPU (`cuda:<local rank>`); the line on stderr names the rank in a job of several.
+    pub fn resolve_on(&self, world: &World) -> Result<Compute> {
+        let spec = match self.device {
+            None if world.is_distributed() && candle_core::utils::cuda_is_available() => {
+                Some(DeviceSpec::Cuda(world.local_rank()))
+            }
+            spec => spec,
+        };
+        let device = open_device(spec)?;
         let compute = Compute::new(
             device,
             self.dtype.dtype(),
             self.kernels.unwrap_or_else(active_kernels),
         )?;
-        eprintln!("computing on {compute}");
+        if world.is_distributed() {
+            eprintln!("{}: computing on {compute}", world.describe());
+        } else {
+            eprintln!("computing on {compute}");
+        }
         Ok(compute)
     }
 }

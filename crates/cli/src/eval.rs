@@ -6,6 +6,7 @@ use anyhow::Result;
 use mdeq_checkpoint::format;
 use mdeq_checkpoint::format::TrainingState;
 use mdeq_data::Split;
+use mdeq_distributed::World;
 use mdeq_model::Compute;
 use mdeq_recipe::ExperimentConfig;
 use mdeq_train::data::RecipeSplit;
@@ -108,7 +109,13 @@ fn evaluate_on(req: &Args, compute: &Compute) -> Result<(Vec<EvalPoint>, Vec<Str
         let mut deq = cfg.deq.clone();
         deq.f_thres = t;
         let rt = deq.runtime();
-        let result = evaluate(&model, &loader, forward.mode(&cfg, &rt), req.limit)?;
+        let result = evaluate(
+            &model,
+            &loader,
+            forward.mode(&cfg, &rt),
+            req.limit,
+            &World::single(),
+        )?;
         points.push(EvalPoint { f_thres: t, result });
     }
     Ok((points, test.kind.class_names(cfg.model.num_classes)))

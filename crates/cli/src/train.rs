@@ -1,8 +1,10 @@
 //! `mdeq train`: a recipe trained as `mdeq_train::train` does it; the summary is printed as
-//! one JSON line.
+//! one JSON line. Under an MPI launcher (`mpirun -np N mdeq train …`, in a build with the `mpi`
+//! feature) this process is one rank of a data-parallel job; an error on any rank ends them all.
 
 use crate::compute::ComputeArgs;
 use anyhow::Result;
+use mdeq_distributed::{launch, World};
 use mdeq_recipe::ExperimentConfig;
 use mdeq_train::TrainOptions;
 
@@ -20,18 +22,47 @@ pub struct Args {
     pub compute: ComputeArgs,
 }
 
-/// Trains the recipe.
+/// Trains the recipe, as one rank of the job this process was launched in.
 pub fn run(args: Args) -> Result<()> {
-    let cfg = ExperimentConfig::load(&args.config)?;
-    let compute = args.compute.resolve()?;
-    let summary = mdeq_train::train(&cfg, &args.options, &compute)?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "steps": summary.steps,
-            "last_loss": summary.last_loss,
-            "last_eval": summary.last_eval,
-        })
-    );
+    let world = launch::join()?;
+    let outcome = run_rank(&args, world.clone());
+    if let Err(e) = &outcome {
+        if world.is_distributed() {
+            // The other ranks wait in a collective that this rank will never join: end them
+            // all now, with the cause on stderr.
+            eprintln!("error on {}: {e:#}", world.describe());
+            world.abort(2);
+        }
+    }
+    outcome
+}
+
+fn run_rank(args: &Args, world: World) -> Result<()> {
+    let mut cfg = ExperimentConfig::load(&args.config)?;
+    if let Some(parts) = args.options.micro_batches {
+        cfg.train.micro_batches = parts;
+        cfg.validate().map_err(anyhow::Error::msg)?;
+    }
+    let compute = args.compute.resolve_on(&world)?;
+    let world = launch::on_device(world, &compute.device)?;
+    if world.is_distributed() && world.is_leader() {
+        eprintln!(
+            "data-parallel over {} ranks (gradients through {}, BatchNorm {:?})",
+            world.size(),
+            world.collective().transport(),
+            cfg.train.batch_norm
+        );
+    }
+    let summary = mdeq_train::train(&cfg, &args.options, &compute, &world)?;
+    if world.is_leader() {
+        println!(
+            "{}",
+            serde_json::json!({
+                "steps": summary.steps,
+                "last_loss": summary.last_loss,
+                "last_eval": summary.last_eval,
+            })
+        );
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 use crate::{DataError, Dataset, Normalization, Target, Transform};
 use candle_core::{Device, Tensor};
+use mdeq_distributed::Shard;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -31,6 +32,7 @@ pub struct BatchLoader {
     order: Vec<usize>,
     seed: u64,
     epoch: u64,
+    shard: Shard,
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -62,7 +64,22 @@ impl BatchLoader {
             order,
             seed,
             epoch,
+            shard: Shard::WHOLE,
         }
+    }
+
+    /// This loader's batches cut to `shard`'s rows: in a data-parallel job each rank decodes
+    /// only its own part of every global batch, the same samples with the same augmentation
+    /// as one process would give those rows.
+    pub fn sharded(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// Rows of batch `i` before sharding.
+    pub fn global_rows(&self, i: usize) -> usize {
+        let start = i.saturating_mul(self.batch_size).min(self.order.len());
+        (self.order.len() - start).min(self.batch_size)
     }
 
     /// Number of batches (the last may be short).
@@ -91,6 +108,11 @@ impl BatchLoader {
                 format!("past the end of the {} samples", self.order.len()),
             ));
         }
+        let rows = self
+            .shard
+            .rows(idx.len())
+            .map_err(|e| DataError::format(format!("batch {i}"), e))?;
+        let idx = &idx[rows];
         let samples: Vec<_> = idx
             .par_iter()
             .map(|&j| {
@@ -144,20 +166,22 @@ impl BatchLoader {
         })
     }
 
-    /// Batches `range` in order, prepared on a background thread at most `depth` ahead. A panic
-    /// while preparing a batch (a decoder's or a transform's bug) arrives as that batch's error,
-    /// and so does a producer that ends early: the consumer never sees a silently short epoch.
+    /// The batches numbered by `batches`, in that order, prepared on a background thread at
+    /// most `depth` ahead. A panic while preparing a batch (a decoder's or a transform's bug)
+    /// arrives as that batch's error, and so does a producer that ends early: the consumer
+    /// never sees a silently short epoch.
     pub fn prefetch(
         &self,
-        range: std::ops::Range<usize>,
+        batches: impl IntoIterator<Item = usize>,
         depth: usize,
         device: &Device,
     ) -> impl Iterator<Item = Result<Batch, DataError>> {
+        let batches: Vec<usize> = batches.into_iter().collect();
         let (tx, rx) = sync_channel(depth.max(1));
         let me = self.clone();
-        let (next, end) = (range.start, range.end);
+        let produce = batches.clone();
         std::thread::spawn(move || {
-            for i in range {
+            for i in produce {
                 let batch =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.host_batch(i)))
                         .unwrap_or_else(|panic| Err(me.panicked(i, panic.as_ref())));
@@ -169,8 +193,8 @@ impl BatchLoader {
         });
         Prefetched {
             rx,
-            next,
-            end,
+            pending: batches.into_iter(),
+            failed: false,
             device: device.clone(),
         }
     }
@@ -212,26 +236,26 @@ impl HostBatch {
 struct Prefetched {
     rx: Receiver<Result<HostBatch, DataError>>,
     device: Device,
-    /// The next batch index expected, and one past the last.
-    next: usize,
-    end: usize,
+    /// The batch indices still expected, in order.
+    pending: std::vec::IntoIter<usize>,
+    /// After an error the producer stops; so does the iteration.
+    failed: bool,
 }
 
 impl Iterator for Prefetched {
     type Item = Result<Batch, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
-        if self.next >= self.end {
+        if self.failed {
             return None;
         }
-        let i = self.next;
+        let i = self.pending.next()?;
         match self.rx.recv() {
             Ok(batch) => {
-                // After an error the producer stops; so does the iteration.
-                self.next = if batch.is_ok() { i + 1 } else { self.end };
+                self.failed = batch.is_err();
                 Some(batch.and_then(|b| b.into_batch(&self.device)))
             }
             Err(_) => {
-                self.next = self.end;
+                self.failed = true;
                 Some(Err(DataError::format(
                     format!("batch {i}"),
                     "the loader thread ended before producing it",

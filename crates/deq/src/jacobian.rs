@@ -49,23 +49,27 @@ pub fn frobenius_sq_hutchinson(
 }
 
 /// Hutchinson estimate of ‖J‖²_F / (B·D) from Jacobian-vector products taken by central finite
-/// differences, Jε ≈ (f(z + hε) − f(z − hε)) / 2h, using E‖Jε‖² = ‖J‖²_F. It needs only
-/// first-order gradients, so it trains the parameters of `f` by ordinary backprop through the
-/// two evaluations (candle has no double backward for the official vector-Jacobian form). The
-/// finite difference is exact for maps linear in z and has an O(h²) bias otherwise.
+/// differences, Jε ≈ (f(z + hε) − f(z − hε)) / 2h, using E‖Jε‖² = ‖J‖²_F, over the Gaussian
+/// `probes` (each shaped like z; [`gaussian_probes`] draws them). It needs only first-order
+/// gradients, so it trains the parameters of `f` by ordinary backprop through the two
+/// evaluations (candle has no double backward for the official vector-Jacobian form). The
+/// finite difference is exact for maps linear in z and has an O(h²) bias otherwise. The
+/// probes are the caller's so that a batch split over ranks can use its rows of the probes one
+/// process would have drawn for the whole batch.
 pub fn frobenius_sq_finite_difference(
     f: &mut dyn FixedPointMap,
     z: &Tensor,
-    samples: usize,
+    probes: &[Tensor],
     h: f64,
-    rng: &mut impl Rng,
 ) -> Result<Tensor> {
     let (b, d) = z.dims2()?;
+    if probes.is_empty() {
+        candle_core::bail!("the Jacobian estimate needs at least one probe");
+    }
     let z = z.detach();
     let mut total: Option<Tensor> = None;
-    for _ in 0..samples.max(1) {
-        let eps: Vec<f64> = (0..b * d).map(|_| gaussian(rng)).collect();
-        let eps = (Tensor::from_vec(eps, (b, d), z.device())?.to_dtype(z.dtype())? * h)?;
+    for probe in probes {
+        let eps = (probe.to_dtype(z.dtype())? * h)?;
         let jv = ((f.apply(&(&z + &eps)?)? - f.apply(&(&z - &eps)?)?)? / (2.0 * h))?;
         let term = jv.sqr()?.sum_all()?;
         total = Some(match total {
@@ -73,7 +77,23 @@ pub fn frobenius_sq_finite_difference(
             Some(t) => (t + term)?,
         });
     }
-    total.expect("at least one probe") / (samples.max(1) * b * d) as f64
+    total.expect("at least one probe") / (probes.len() * b * d) as f64
+}
+
+/// `count` standard Gaussian (rows, cols) tensors drawn from `rng` in row-major order, one
+/// probe after the other.
+pub fn gaussian_probes(
+    rng: &mut impl Rng,
+    count: usize,
+    (rows, cols): (usize, usize),
+    device: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    (0..count)
+        .map(|_| {
+            let values: Vec<f64> = (0..rows * cols).map(|_| gaussian(rng)).collect();
+            Tensor::from_vec(values, (rows, cols), device)
+        })
+        .collect()
 }
 
 fn gaussian(rng: &mut impl Rng) -> f64 {

@@ -4,7 +4,7 @@
 use candle_core::Var;
 use candle_core::{DType, Device, Tensor};
 use mdeq_deq::jacobian::{
-    frobenius_sq_finite_difference, frobenius_sq_hutchinson, spectral_radius,
+    frobenius_sq_finite_difference, frobenius_sq_hutchinson, gaussian_probes, spectral_radius,
 };
 use rand::SeedableRng;
 
@@ -113,8 +113,8 @@ fn finite_difference_penalty_estimates_the_frobenius_norm() -> mdeq_testkit::Res
         / (3 * D) as f64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut f = tanh_map(&w);
-    let est =
-        frobenius_sq_finite_difference(&mut f, &z, 2000, 1e-4, &mut rng)?.to_scalar::<f64>()?;
+    let probes = gaussian_probes(&mut rng, 2000, z.dims2()?, z.device())?;
+    let est = frobenius_sq_finite_difference(&mut f, &z, &probes, 1e-4)?.to_scalar::<f64>()?;
     assert!((est - exact).abs() / exact < 0.03, "{est} vs exact {exact}");
     Ok(())
 }
@@ -126,7 +126,8 @@ fn finite_difference_penalty_trains_the_parameters() -> mdeq_testkit::Result {
     let penalty = |w: &Var| -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let mut f = tanh_map(w);
-        frobenius_sq_finite_difference(&mut f, &z, 2, 1e-4, &mut rng).unwrap()
+        let probes = gaussian_probes(&mut rng, 2, z.dims2().unwrap(), z.device()).unwrap();
+        frobenius_sq_finite_difference(&mut f, &z, &probes, 1e-4).unwrap()
     };
     let grads = penalty(&w).backward()?;
     let g = grads.get(w.as_tensor()).unwrap().to_vec2::<f64>()?;

@@ -8,6 +8,7 @@ use crate::params::{init_rng, ParamBuilder, ParamStore};
 use crate::state::StateLayout;
 use crate::stem::Stem;
 use candle_core::{DType, Device, Result, Tensor};
+use mdeq_distributed::World;
 use rand::Rng;
 
 #[derive(Debug, Clone)]
@@ -68,6 +69,12 @@ impl Mdeq {
             cell,
             head,
         })
+    }
+
+    /// Makes every BatchNorm layer take its train-mode statistics over the global batch of
+    /// `world` (synchronised BatchNorm); None returns to each process's own batch.
+    pub fn synchronise_batch_norm(&self, world: Option<World>) {
+        self.store.batch_norm_group().set(world);
     }
 
     /// The architecture.

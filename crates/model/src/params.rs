@@ -1,6 +1,7 @@
 //! The parameter store: every trainable tensor and buffer of a model under its official
 //! state_dict name, in the official key order.
 
+use crate::nn::BatchNormGroup;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -32,6 +33,7 @@ pub struct ParamStore {
     entries: Vec<Entry>,
     device: Device,
     dtype: DType,
+    batch_norm_group: BatchNormGroup,
 }
 
 impl ParamStore {
@@ -41,7 +43,13 @@ impl ParamStore {
             entries: Vec::new(),
             device: device.clone(),
             dtype,
+            batch_norm_group: BatchNormGroup::default(),
         }
+    }
+
+    /// The ranks the model's BatchNorm layers take batch statistics over (shared by all).
+    pub fn batch_norm_group(&self) -> &BatchNormGroup {
+        &self.batch_norm_group
     }
 
     /// Float dtype of the model.
@@ -157,6 +165,11 @@ impl<'a> ParamBuilder<'a> {
             rng: self.rng,
             prefix,
         }
+    }
+
+    /// The store's BatchNorm group, for a BatchNorm layer to hold.
+    pub fn batch_norm_group(&self) -> BatchNormGroup {
+        self.store.batch_norm_group.clone()
     }
 
     fn key(&self, name: &str) -> String {

@@ -16,7 +16,7 @@ pub use mdeq_deq::{BackwardMode, Coupling, SolverKind, StopMode};
 pub use mdeq_model::config::{
     ClassificationHeadConfig, InvalidModelConfig, ModelConfig, SegmentationHeadConfig, Task,
 };
-pub use train::{LrSchedule, OptimizerKind, TrainConfig};
+pub use train::{BatchNormStatistics, LrSchedule, OptimizerKind, TrainConfig};
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;

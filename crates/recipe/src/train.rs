@@ -23,6 +23,18 @@ pub enum LrSchedule {
     Poly,
 }
 
+/// Where BatchNorm takes its train-mode statistics when a batch is split (over the ranks of a
+/// data-parallel job, or into micro-batches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchNormStatistics {
+    /// Over every rank's rows together (synchronised BatchNorm): the run does not depend on the
+    /// number of ranks.
+    Global,
+    /// Over each rank's own rows, as the official code's DataParallel replicas do.
+    PerReplica,
+}
+
 /// Training recipe. Missing keys take [`TrainConfig::default`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,11 +70,18 @@ pub struct TrainConfig {
     /// Finite-difference step of the Jacobian-vector products of the Jacobian loss (ours: the
     /// official estimator needs double backward).
     pub jac_fd_step: f64,
+    /// BatchNorm statistics of a batch split over ranks.
+    pub batch_norm: BatchNormStatistics,
+    /// Micro-batches per optimizer step: each rank's rows are processed in this many equal parts
+    /// whose gradients are averaged (the memory of a smaller batch, the update of the whole;
+    /// BatchNorm statistics per part).
+    pub micro_batches: usize,
 }
 
 impl Default for TrainConfig {
     /// Adam at 1e-3 with cosine decay, 140 epochs of 32 (the official defaults), no weight
-    /// decay, momentum or augmentation, and no Jacobian loss.
+    /// decay, momentum or augmentation, no Jacobian loss, one micro-batch, and BatchNorm over
+    /// the global batch.
     fn default() -> Self {
         Self {
             optimizer: OptimizerKind::Adam,
@@ -80,6 +99,8 @@ impl Default for TrainConfig {
             jac_incremental: 100_000_000,
             jac_stop_epoch: 100_000_000,
             jac_fd_step: 1e-3,
+            batch_norm: BatchNormStatistics::Global,
+            micro_batches: 1,
         }
     }
 }
@@ -115,6 +136,9 @@ impl TrainConfig {
                 "train.jac_loss_freq = {} must be in [0, 1]",
                 self.jac_loss_freq
             ));
+        }
+        if self.micro_batches == 0 {
+            return Err("train.micro_batches = 0 must be at least 1".into());
         }
         if self.epochs == 0 || self.batch_size == 0 {
             return Err(format!(

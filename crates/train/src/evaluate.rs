@@ -6,6 +6,7 @@ use crate::metrics::{correct, ConfusionMatrix};
 use anyhow::Result;
 use candle_core::Tensor;
 use mdeq_data::BatchLoader;
+use mdeq_distributed::{Reduce, World};
 use mdeq_model::equilibrium::{eval_forward, unrolled_forward, DeqRuntime};
 use mdeq_model::{Mdeq, Task};
 use serde::Serialize;
@@ -101,21 +102,26 @@ impl Forward {
     }
 }
 
-/// Evaluates `model` on the batches of `loader`, up to `limit` images.
+/// Evaluates `model` on the batches of `loader` — the first batches that hold `limit` images,
+/// or all — shared among the ranks of `world` batch by batch, with the scores of all.
 pub fn evaluate(
     model: &Mdeq,
     loader: &BatchLoader,
     mode: EvalMode,
     limit: Option<usize>,
+    world: &World,
 ) -> Result<EvalResult> {
     let task = model.config().task;
     let mut confusion = ConfusionMatrix::new(model.config().num_classes);
     let (mut top1, mut top5, mut n, mut steps, mut batches, mut worst) =
         (0usize, 0usize, 0usize, 0usize, 0usize, 0f64);
-    for batch in loader.prefetch(0..loader.len(), 2, model.device()) {
-        if limit.is_some_and(|l| n >= l) {
-            break;
-        }
+    let (mut count, mut images) = (0, 0);
+    while count < loader.len() && limit.is_none_or(|l| images < l) {
+        images += loader.global_rows(count);
+        count += 1;
+    }
+    let mine = (world.rank()..count).step_by(world.size());
+    for batch in loader.prefetch(mine, 2, model.device()) {
         let batch = batch?;
         let images = batch.images.to_dtype(model.dtype())?;
         let logits = match mode {
@@ -141,6 +147,13 @@ pub fn evaluate(
         n += batch.images.dim(0)?;
         batches += 1;
     }
+    let sums = world.all_reduce_host(
+        &[top1, top5, n, steps, batches].map(|v| v as f64),
+        Reduce::Sum,
+    )?;
+    let [top1, top5, n, steps, batches] = [0, 1, 2, 3, 4].map(|i| sums[i] as usize);
+    let worst = world.all_reduce_host(&[worst], Reduce::Max)?[0];
+    confusion.all_reduce(world)?;
     let frac = |k: usize| Some(k as f64 / n.max(1) as f64);
     let seg = task == Task::Segmentation;
     Ok(EvalResult {

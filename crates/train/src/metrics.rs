@@ -77,6 +77,25 @@ impl ConfusionMatrix {
         Ok(())
     }
 
+    /// The counts of every rank's pixels together (exact below 2^53 pixels per cell; a
+    /// collective call: every rank makes it).
+    pub fn all_reduce(&mut self, world: &mdeq_distributed::World) -> Result<()> {
+        if !world.is_distributed() {
+            return Ok(());
+        }
+        let mine: Vec<f64> = self
+            .counts
+            .iter()
+            .chain(&self.unpredicted)
+            .map(|&c| c as f64)
+            .collect();
+        let all = world.all_reduce_host(&mine, mdeq_distributed::Reduce::Sum)?;
+        let (counts, unpredicted) = all.split_at(self.counts.len());
+        self.counts = counts.iter().map(|&c| c as u64).collect();
+        self.unpredicted = unpredicted.iter().map(|&c| c as u64).collect();
+        Ok(())
+    }
+
     /// Pixels counted.
     pub fn total(&self) -> u64 {
         self.counts.iter().sum::<u64>() + self.unpredicted.iter().sum::<u64>()

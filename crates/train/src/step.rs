@@ -9,8 +9,10 @@ use crate::schedule::{cosine, poly};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
 use mdeq_data::Batch;
-use mdeq_deq::jacobian::frobenius_sq_finite_difference;
+use mdeq_deq::jacobian::{frobenius_sq_finite_difference, gaussian_probes};
 use mdeq_deq::{adjoint, SolverStats};
+use mdeq_distributed::buckets::{AllReduceStats, BUCKET_BYTES};
+use mdeq_distributed::{average_gradients, Reduce, World};
 use mdeq_model::cell::solver_map::{CellMap, CellVjp};
 use mdeq_model::equilibrium::{solve_equilibrium, unroll, DeqRuntime};
 use mdeq_model::{Mdeq, Task};
@@ -29,22 +31,36 @@ pub struct StepPlan<'a> {
     pub seed: u64,
     /// Per-class loss weights (Cityscapes).
     pub class_weights: Option<Tensor>,
+    /// The job the step is part of: losses and gradients are averaged over its ranks.
+    pub world: &'a World,
 }
 
-/// What one optimizer step did.
+/// What one optimizer step did, on this rank.
 pub struct StepOutcome {
-    /// The gradient computation's results (loss, logits, solver statistics).
-    pub gradients: TrainGradients,
-    /// The loss as a number.
+    /// The loss, averaged over every rank's rows.
     pub loss: f64,
     /// The learning rate the step used.
     pub lr: f64,
     /// The phase the step ran in.
     pub phase: Phase,
+    /// Logits of this rank's rows (train mode, every micro-batch in order).
+    pub logits: Tensor,
+    /// Forward solver statistics of each micro-batch (DEQ phase).
+    pub forward_stats: Vec<SolverStats>,
+    /// Backward solver statistics of each micro-batch (IFT).
+    pub backward_stats: Vec<SolverStats>,
+    /// ‖J‖²_F/(B·D) of each micro-batch when the Jacobian loss was applied.
+    pub jacobian_penalty: Vec<f64>,
+    /// What the gradient all-reduce moved.
+    pub all_reduce: AllReduceStats,
 }
 
-/// Trains `model` on `batch` for one optimizer step (`step` optimizer steps already taken, in
-/// `epoch`). A non-finite loss is an error raised before anything reaches the weights.
+/// Trains `model` for one optimizer step (`step` optimizer steps already taken, in `epoch`) on
+/// `batch`, this rank's rows of the global batch, in the recipe's micro-batches. Dropout masks
+/// and Jacobian probes are drawn for the global batch and each part takes its rows, so that any
+/// split of the batch computes what one process computes; the parts' gradients are averaged
+/// over the micro-batches and the ranks before the optimizer. A non-finite loss on any rank is
+/// an error on every rank, raised before anything reaches the weights.
 pub fn train_step(
     plan: &StepPlan,
     model: &Mdeq,
@@ -54,49 +70,122 @@ pub fn train_step(
     step: usize,
     epoch: usize,
 ) -> Result<StepOutcome> {
-    let cfg = plan.cfg;
+    let (cfg, world) = (plan.cfg, plan.world);
+    let local = batch.images.dim(0)?;
+    let parts = cfg.train.micro_batches.max(1);
+    if !local.is_multiple_of(parts) {
+        bail!(
+            "step {step}: {local} rows on {} do not split into train.micro_batches = {parts} equal parts",
+            world.describe()
+        );
+    }
+    let (global, first_row, each) = (local * world.size(), world.rank() * local, local / parts);
     let mut mask_rng =
         rand::rngs::StdRng::seed_from_u64(plan.seed.wrapping_mul(31).wrapping_add(step as u64));
-    let masks = model.dropout_masks(batch.images.dim(0)?, true, &mut mask_rng)?;
+    let masks = model.dropout_masks(global, true, &mut mask_rng)?;
     let phase = if step < cfg.deq.pretrain_steps {
         Phase::Unrolled(cfg.model.num_layers)
     } else {
         Phase::Deq
-    };
-    let labels = &batch.labels;
-    let loss_fn = |logits: &Tensor| match cfg.model.task {
-        Task::Classification => classification_loss(logits, labels),
-        Task::Segmentation => segmentation_loss(logits, labels, plan.class_weights.as_ref()),
     };
     let penalty = jacobian_penalty(cfg, step, epoch, plan.seed);
     let mut runtime = plan.runtime.clone();
     if penalty.is_some() {
         runtime.forward.threshold = jittered_threshold(cfg, step, plan.seed);
     }
+    let (_, _, h, w) = batch.images.dims4()?;
+    let probes = match penalty {
+        Some(p) => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
+            let d = model.layout(h, w).size();
+            gaussian_probes(&mut rng, p.probes, (global, d), model.device())?
+        }
+        None => Vec::new(),
+    };
     let images = batch.images.to_dtype(model.dtype())?;
-    let gradients = train_gradients(model, &images, &masks, &loss_fn, &runtime, phase, penalty)?;
-    let loss = gradients.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let mut summed: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut outcome = StepOutcome {
+        loss: 0.0,
+        lr: 0.0,
+        phase,
+        logits: Tensor::zeros(0, model.dtype(), model.device())?,
+        forward_stats: Vec::new(),
+        backward_stats: Vec::new(),
+        jacobian_penalty: Vec::new(),
+        all_reduce: AllReduceStats::default(),
+    };
+    let mut logits = Vec::with_capacity(parts);
+    for part in 0..parts {
+        let (rows, global_rows) = (part * each, first_row + part * each);
+        let labels = batch.labels.narrow(0, rows, each)?;
+        let loss_fn = |logits: &Tensor| match cfg.model.task {
+            Task::Classification => classification_loss(logits, &labels),
+            Task::Segmentation => segmentation_loss(logits, &labels, plan.class_weights.as_ref()),
+        };
+        let part_masks = masks
+            .iter()
+            .map(|m| {
+                m.as_ref()
+                    .map(|m| m.narrow(0, global_rows, each))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let part_probes = probes
+            .iter()
+            .map(|p| p.narrow(0, global_rows, each))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let part_penalty = penalty.map(|p| AppliedPenalty {
+            factor: p.factor,
+            step_size: p.step_size,
+            probes: &part_probes,
+        });
+        let g = train_gradients(
+            model,
+            &images.narrow(0, rows, each)?,
+            &part_masks,
+            &loss_fn,
+            &runtime,
+            phase,
+            part_penalty,
+        )?;
+        outcome.loss += g.loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / parts as f64;
+        for (slot, (_, grad)) in summed.iter_mut().zip(g.grads) {
+            *slot = match (slot.take(), grad) {
+                (Some(acc), Some(grad)) => Some((acc + grad)?),
+                (acc, grad) => acc.or(grad),
+            };
+        }
+        logits.push(g.logits);
+        outcome.forward_stats.extend(g.forward_stats);
+        outcome.backward_stats.extend(g.backward_stats);
+        outcome.jacobian_penalty.extend(g.jacobian_penalty);
+    }
+    outcome.logits = Tensor::cat(&logits, 0)?;
+    // Every rank takes the same decision from the same number.
+    outcome.loss = world.all_reduce_host(&[outcome.loss], Reduce::Sum)?[0] / world.size() as f64;
+    let loss = outcome.loss;
     if !loss.is_finite() {
         bail!("step {step}: the loss is {loss}; stopping before it reaches the weights");
     }
-    let grads: Vec<Option<Tensor>> = gradients.grads.iter().map(|(_, t)| t.clone()).collect();
-    let lr = match cfg.train.lr_schedule {
+    if parts > 1 {
+        for g in summed.iter_mut().flatten() {
+            *g = (&*g / parts as f64)?;
+        }
+    }
+    outcome.all_reduce = average_gradients(world, &mut summed, BUCKET_BYTES)?;
+    outcome.lr = match cfg.train.lr_schedule {
         LrSchedule::Cosine => cosine(cfg.train.lr, step, plan.total_steps),
         LrSchedule::Poly => poly(cfg.train.lr, step, plan.total_steps),
     };
-    opt.step(params, &grads, lr)?;
+    let lr = outcome.lr;
+    opt.step(params, &summed, lr)?;
     if let Some(name) = model.store().first_non_finite()? {
         bail!(
             "step {step}: the update made {name} non-finite (NaN or ±inf) at learning rate {lr:e}; \
              stopping before any checkpoint holds it"
         );
     }
-    Ok(StepOutcome {
-        gradients,
-        loss,
-        lr,
-        phase,
-    })
+    Ok(outcome)
 }
 
 /// The seed of step `step`'s random draws (penalty, jitter), so a resumed run draws the same.
@@ -196,6 +285,18 @@ pub struct JacobianPenalty {
     pub seed: u64,
 }
 
+/// A Jacobian penalty as one gradient computation applies it: the weight and finite-difference
+/// step the schedule chose, and the Gaussian probes of the batch's rows.
+#[derive(Debug, Clone, Copy)]
+pub struct AppliedPenalty<'a> {
+    /// Weight of the penalty in the loss.
+    pub factor: f64,
+    /// Finite-difference step along each probe.
+    pub step_size: f64,
+    /// One (B, D) probe per Hutchinson sample.
+    pub probes: &'a [Tensor],
+}
+
 /// Computes the loss and every parameter gradient for one batch (BatchNorm in train mode), with
 /// an optional Jacobian penalty whose gradient joins the parameters' (its value is in
 /// [`TrainGradients::jacobian_penalty`]).
@@ -206,7 +307,7 @@ pub fn train_gradients(
     loss_fn: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
     rt: &DeqRuntime,
     phase: Phase,
-    penalty: Option<JacobianPenalty>,
+    penalty: Option<AppliedPenalty>,
 ) -> candle_core::Result<TrainGradients> {
     let (_, _, h, w) = image.dims4()?;
     let layout = model.layout(h, w);
@@ -241,8 +342,7 @@ pub fn train_gradients(
                 masks,
                 layout: &layout,
             };
-            let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
-            let jac = frobenius_sq_finite_difference(&mut f, z, p.probes, p.step_size, &mut rng)?;
+            let jac = frobenius_sq_finite_difference(&mut f, z, p.probes, p.step_size)?;
             jacobian_penalty = Some(jac.to_dtype(DType::F64)?.to_scalar::<f64>()?);
             collect(&(jac * p.factor)?.backward()?, grads)
         };

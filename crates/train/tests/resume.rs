@@ -5,10 +5,19 @@ use mdeq_model::Compute;
 use mdeq_recipe::ExperimentConfig;
 use mdeq_testkit::{error_text, tiny_classifier, write_toy_idx};
 use mdeq_train::step::{jacobian_penalty, jittered_threshold};
-use mdeq_train::{train, TrainOptions};
+use mdeq_train::{TrainOptions, TrainSummary};
 use std::path::{Path, PathBuf};
 
 /// The CPU with the process default kernels (`MDEQ_KERNELS`), in float32.
+/// A run of one process.
+fn train(
+    cfg: &ExperimentConfig,
+    opts: &TrainOptions,
+    compute: &Compute,
+) -> anyhow::Result<TrainSummary> {
+    mdeq_train::train(cfg, opts, compute, &mdeq_distributed::World::single())
+}
+
 fn cpu() -> Compute {
     Compute::cpu(candle_core::DType::F32).with_kernels(mdeq_kernels::active_kernels())
 }
@@ -36,6 +45,7 @@ fn opts(data: &Path, out: PathBuf, max_steps: usize, resume: bool) -> TrainOptio
         resume,
         log_every: 1,
         eval_limit: None,
+        micro_batches: None,
     }
 }
 

@@ -7,7 +7,7 @@ pub mod group_norm;
 pub mod upsample;
 pub mod weight_norm;
 
-pub use batch_norm::BatchNorm2d;
+pub use batch_norm::{BatchNorm2d, BatchNormGroup};
 pub use conv::Conv2d;
 pub use dropout::variational_dropout_mask;
 pub use group_norm::GroupNorm;
