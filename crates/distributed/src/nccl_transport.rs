@@ -6,7 +6,6 @@ use crate::collective::{Collective, Reduce};
 use crate::launch::LaunchError;
 use crate::world::World;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::DeviceSlice;
 use candle_core::cuda::cudarc::nccl::{Comm, Id, ReduceOp};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor,
