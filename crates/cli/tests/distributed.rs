@@ -301,3 +301,31 @@ fn a_killed_rank_ends_the_job_with_a_clear_error() -> mdeq_testkit::Result {
     );
     Ok(())
 }
+
+// An error on one rank (here rank 0 cannot create its output folder; the other rank is already
+// waiting for it in a collective) ends every rank at once with a message naming the rank and
+// the cause, instead of a hang.
+#[test]
+fn an_error_on_one_rank_ends_every_rank_naming_it() -> mdeq_testkit::Result {
+    require_mpi!();
+    let dir = scratch_dir("mpi-error")?;
+    let config = recipe(&dir, "global")?;
+    let blocker = dir.join("not-a-folder");
+    std::fs::write(&blocker, "a file where the output folder should go")?;
+    let mut job = mpirun(2);
+    job.args(train_args(&config, &blocker.join("run"), 20));
+    let started = Instant::now();
+    let out = job.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    mdeq_testkit::ensure!(!out.status.success(), "the job succeeded:\n{stderr}");
+    mdeq_testkit::ensure!(
+        stderr.contains("error on rank 0 of 2") && stderr.contains("not-a-folder"),
+        "no message names the rank and the folder:\n{stderr}"
+    );
+    mdeq_testkit::ensure!(
+        started.elapsed() < Duration::from_secs(30),
+        "the job took {:.0} s to end",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
