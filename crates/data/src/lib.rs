@@ -13,11 +13,13 @@ pub mod fashion_scenes;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
+pub mod subset;
 pub mod transform;
 
 pub use catalog::{open_dataset, DatasetKind};
 pub use idx::IdxDataset;
 pub use loader::{Batch, BatchLoader};
+pub use subset::{holdout, Subset};
 pub use transform::{Normalization, Transform};
 
 /// The label value that losses and metrics skip (Cityscapes convention).

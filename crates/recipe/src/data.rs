@@ -15,4 +15,13 @@ pub struct DataConfig {
     /// 1024×2048 Cityscapes frames).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_size: Option<[usize; 2]>,
+    /// Training samples held out for validation (a fixed seeded draw; 0: none). When set, the
+    /// epoch-end evaluations and the best checkpoint use them, and the test split is left to
+    /// `mdeq eval`, so that a recipe is tuned without looking at its test set.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub validation: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

@@ -321,6 +321,7 @@ pub fn from_yaml_str(text: &str, origin: &str) -> Result<ExperimentConfig, Confi
         dataset,
         root: y.str_or("DATASET.ROOT", "")?,
         eval_size: None,
+        validation: 0,
     };
     let name = std::path::Path::new(origin)
         .file_stem()

@@ -130,6 +130,7 @@ pub fn tiny_classifier(channels: &[usize]) -> ExperimentConfig {
             dataset: "mnist".into(),
             root: String::new(),
             eval_size: None,
+            validation: 0,
         },
     }
 }

@@ -1,7 +1,7 @@
 //! The datasets, transforms and loaders a recipe names, checked against its model.
 
 use anyhow::{bail, Result};
-use mdeq_data::{open_dataset, BatchLoader, Dataset, DatasetKind, Split};
+use mdeq_data::{holdout, open_dataset, BatchLoader, Dataset, DatasetKind, Split, Subset};
 use mdeq_model::Task;
 use mdeq_recipe::ExperimentConfig;
 use std::path::Path;
@@ -12,10 +12,56 @@ use std::sync::Arc;
 pub struct RecipeSplit {
     /// Which dataset.
     pub kind: DatasetKind,
-    /// Which part.
+    /// How the samples are used: `Train` shuffled and augmented, `Test` in order with the
+    /// evaluation transform (a validation part of the training files is used as `Test`).
     pub split: Split,
     /// The samples.
     pub dataset: Arc<dyn Dataset>,
+}
+
+/// What a training run trains on and validates with.
+pub struct TrainingData {
+    /// The samples trained on.
+    pub train: RecipeSplit,
+    /// The samples of the epoch-end evaluations and of the best checkpoint.
+    pub eval: RecipeSplit,
+    /// "validation" (held out of the training files) or "test".
+    pub eval_name: &'static str,
+}
+
+impl TrainingData {
+    /// The recipe's training split and its evaluation split: `data.validation` samples held out
+    /// of the training files when the recipe asks for them, else the test split.
+    pub fn open(cfg: &ExperimentConfig, dir: &Path) -> Result<Self> {
+        let train = RecipeSplit::open(cfg, dir, Split::Train)?;
+        let held_out = cfg.data.validation;
+        if held_out == 0 {
+            let eval = RecipeSplit::open(cfg, dir, Split::Test)?;
+            return Ok(Self {
+                train,
+                eval,
+                eval_name: "test",
+            });
+        }
+        let n = train.dataset.len();
+        if held_out >= n {
+            bail!(
+                "data.validation = {held_out}: {} holds only {n} training samples",
+                dir.display()
+            );
+        }
+        let (kept, held) = holdout(n, held_out);
+        let part = |indices: Vec<usize>, split: Split| RecipeSplit {
+            kind: train.kind,
+            split,
+            dataset: Arc::new(Subset::new(train.dataset.clone(), indices)),
+        };
+        Ok(Self {
+            eval: part(held, Split::Test),
+            train: part(kept, Split::Train),
+            eval_name: "validation",
+        })
+    }
 }
 
 impl RecipeSplit {

@@ -225,10 +225,11 @@ impl RunLog {
         )
     }
 
-    /// Records an evaluation.
-    pub fn eval(&mut self, step: usize, epoch: usize, r: &EvalResult) -> Result<()> {
+    /// Records an evaluation on `split` ("validation" or "test").
+    pub fn eval(&mut self, step: usize, epoch: usize, split: &str, r: &EvalResult) -> Result<()> {
         let mut json = serde_json::to_value(r)?;
         json["kind"] = "eval".into();
+        json["split"] = split.into();
         json["step"] = step.into();
         json["epoch"] = epoch.into();
         writeln!(self.metrics, "{json}")?;

@@ -3,7 +3,7 @@
 //! continues exactly where a run stopped (batches and dropout masks are functions of the seed
 //! and the step).
 
-use crate::data::RecipeSplit;
+use crate::data::TrainingData;
 use crate::evaluate::{evaluate, EvalResult, Forward};
 use crate::optimizer::Optimizer;
 use crate::run_log::{RunLog, StepRecord};
@@ -11,7 +11,6 @@ use crate::step::{train_step, StepPlan};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use mdeq_checkpoint::format::{self, TrainingCheckpoint, TrainingState};
-use mdeq_data::Split;
 use mdeq_distributed::{Shard, World};
 use mdeq_model::{Compute, Mdeq, Task};
 use mdeq_recipe::{BatchNormStatistics, ExperimentConfig};
@@ -50,7 +49,8 @@ pub struct TrainOptions {
     /// Log a metrics line every this many steps.
     #[arg(long, default_value_t = 20)]
     pub log_every: usize,
-    /// Evaluate on at most this many test samples at each epoch end (default: all).
+    /// Evaluate on at most this many samples at each epoch end (default: all of the recipe's
+    /// validation split, else of the test split).
     #[arg(long)]
     pub eval_limit: Option<usize>,
 }
@@ -164,8 +164,11 @@ fn train_on(
         .data
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.data.root));
-    let train_set = RecipeSplit::open(cfg, &data, Split::Train)?;
-    let test_set = RecipeSplit::open(cfg, &data, Split::Test)?;
+    let TrainingData {
+        train: train_set,
+        eval: eval_set,
+        eval_name,
+    } = TrainingData::open(cfg, &data)?;
     let task = cfg.model.task;
     let class_weights = train_set
         .kind
@@ -254,7 +257,7 @@ fn train_on(
         Task::Segmentation => "mIoU",
     };
     let shard = Shard::new(world.rank(), world.size());
-    let test_loader = test_set.loader(cfg, batch_size, 0, 0);
+    let eval_loader = eval_set.loader(cfg, batch_size, 0, 0);
     while step < stop {
         let epoch = step / per_epoch;
         let loader = train_set
@@ -292,10 +295,10 @@ fn train_on(
                 // While pretraining the weights are not yet an equilibrium model: validate
                 // unrolled, as the official code does.
                 let mode = Forward::trained(cfg, Some(step)).mode(cfg, &plan.runtime);
-                let result = evaluate(&model, &test_loader, mode, opts.eval_limit, world)?;
+                let result = evaluate(&model, &eval_loader, mode, opts.eval_limit, world)?;
                 if let Some(log) = log.as_mut() {
-                    log.eval(step, epoch, &result)?;
-                    eprintln!("eval after step {step}: {}", result.summary());
+                    log.eval(step, epoch, eval_name, &result)?;
+                    eprintln!("{eval_name} after step {step}: {}", result.summary());
                     if result.score() > best {
                         best = result.score();
                         save_checkpoint(&best_path, &model, cfg, &opt, step, best)?;

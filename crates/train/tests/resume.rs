@@ -419,3 +419,42 @@ fn every_kernel_choice_and_float_type_trains_the_same_run() -> mdeq_testkit::Res
     std::fs::remove_dir_all(root)?;
     Ok(())
 }
+
+// With data.validation the run trains on the rest of the training files and evaluates on the
+// held-out part, never on the test split: the test files here are made unreadable, and the
+// epoch length shows the held-out samples left out of training.
+#[test]
+fn a_validation_split_is_held_out_of_training_and_the_test_split_is_not_read(
+) -> mdeq_testkit::Result {
+    let root = mdeq_testkit::scratch_dir("validation-split")?;
+    let data = root.join("data");
+    write_toy_idx(&data, 24)?;
+    for entry in std::fs::read_dir(&data)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("t10k"))
+        {
+            std::fs::write(&path, b"not an IDX file")?;
+        }
+    }
+    let mut cfg = config();
+    cfg.data.validation = 8;
+    cfg.train.batch_size = 4;
+    cfg.train.epochs = 1;
+    // 16 training samples in batches of 4: one epoch is 4 steps, then one evaluation.
+    let summary = train(&cfg, &opts(&data, root.join("run"), 100, false), &cpu())?;
+    assert_eq!(summary.steps, 4);
+    let log = std::fs::read_to_string(root.join("run/metrics.jsonl"))?;
+    let evals: Vec<serde_json::Value> = log
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<Vec<serde_json::Value>, _>>()?
+        .into_iter()
+        .filter(|v| v["kind"] == "eval")
+        .collect();
+    assert_eq!(evals.len(), 1);
+    assert_eq!(evals[0]["split"], "validation");
+    assert_eq!(evals[0]["n"], 8);
+    Ok(())
+}

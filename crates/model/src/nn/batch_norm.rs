@@ -6,6 +6,7 @@ use super::affine_parameters;
 use crate::params::{Init, ParamBuilder};
 use candle_core::{DType, Result, Tensor, Var};
 use mdeq_distributed::{replica_sum, Reduce, World};
+use mdeq_kernels::batch_norm::{batch_norm_train_synchronised, ChannelAllReduce};
 use std::sync::{Arc, RwLock};
 
 /// The ranks whose batches a model's BatchNorm layers normalise together; unset (the default),
@@ -120,6 +121,22 @@ impl BatchNorm2d {
     /// summed over the ranks by a differentiable all-reduce, so that values and gradients are
     /// those of one BatchNorm over every rank's samples (PyTorch's SyncBatchNorm), in float64.
     fn forward_synchronised(&self, x: &Tensor, world: &World) -> Result<Tensor> {
+        if mdeq_kernels::fast_path(x) {
+            let group = world.clone();
+            let reduce: ChannelAllReduce = Arc::new(move |values: &mut [f64]| {
+                let summed = group.all_reduce_host(values, Reduce::Sum)?;
+                values.copy_from_slice(&summed);
+                Ok(())
+            });
+            let affine = self.affine.as_ref().map(|(g, b)| (g, b));
+            let (y, moments) = batch_norm_train_synchronised(x, affine, self.eps, &reduce)?;
+            let c = moments.mean.len();
+            let stats = |v: Vec<f64>| Tensor::from_vec(v, c, x.device());
+            let n = moments.count as usize;
+            self.update_running(&stats(moments.mean)?, &stats(moments.var)?, n)?;
+            return Ok(y);
+        }
+        // Any other device or the portable kernels: the same statistics from candle's ops.
         let (b, c, h, w) = x.dims4()?;
         let n = world.all_reduce_host(&[(b * h * w) as f64], Reduce::Sum)?[0];
         if n < 2.0 {
@@ -188,7 +205,8 @@ mod tests {
     // same running statistics, and — with each rank's loss Σ w·y — the gradient of the global
     // loss Σ [w; w]·y at the rank's rows, which includes the other rank's dependence on the
     // shared statistics (a per-rank BatchNorm would miss it).
-    #[test]
+    mdeq_testkit::on_every_kernel!(synchronised_batch_norm_equals_one_batch_norm_over_every_rank);
+
     fn synchronised_batch_norm_equals_one_batch_norm_over_every_rank() -> mdeq_testkit::Result {
         let dev = Device::Cpu;
         let x = mdeq_testkit::hashed((2, 3, 2, 2), 7)?.to_dtype(DType::F32)?;
@@ -246,7 +264,8 @@ mod threaded_tests {
 
     // Two thread ranks with different halves of a batch X: each rank's outputs and input
     // gradients (its loss Σ w_r·y_r) are its rows of one BatchNorm over X with loss Σ w·y.
-    #[test]
+    mdeq_testkit::on_every_kernel!(synchronised_batch_norm_over_distinct_halves);
+
     fn synchronised_batch_norm_over_distinct_halves() -> mdeq_testkit::Result {
         let dev = Device::Cpu;
         let x = (mdeq_testkit::hashed((4, 3, 2, 2), 7)? * 3.0)?.to_dtype(DType::F32)?;
@@ -259,18 +278,25 @@ mod threaded_tests {
         let g_all = g_all.get(all.as_tensor()).expect("gradient").clone();
 
         let group = Threads::new(2);
+        // The kernel choice belongs to the thread; each rank's thread takes this one's.
+        let kernels = mdeq_kernels::active_kernels();
         let results: Vec<(Tensor, Tensor)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..2)
                 .map(|r| {
                     let (group, x, w) = (group.clone(), x.clone(), w.clone());
-                    s.spawn(move || -> candle_core::Result<(Tensor, Tensor)> {
-                        let mut store = ParamStore::new(DType::F32, &Device::Cpu);
-                        let bn = layer(&mut store)?;
-                        store.batch_norm_group().set(Some(group.rank(r)));
-                        let xr = Var::from_tensor(&x.narrow(0, 2 * r, 2)?)?;
-                        let y = bn.forward(xr.as_tensor(), true)?;
-                        let g = (&y * w.narrow(0, 2 * r, 2)?)?.sum_all()?.backward()?;
-                        Ok((y, g.get(xr.as_tensor()).expect("gradient").clone()))
+                    s.spawn(move || {
+                        mdeq_kernels::with_kernels(
+                            kernels,
+                            || -> candle_core::Result<(Tensor, Tensor)> {
+                                let mut store = ParamStore::new(DType::F32, &Device::Cpu);
+                                let bn = layer(&mut store)?;
+                                store.batch_norm_group().set(Some(group.rank(r)));
+                                let xr = Var::from_tensor(&x.narrow(0, 2 * r, 2)?)?;
+                                let y = bn.forward(xr.as_tensor(), true)?;
+                                let g = (&y * w.narrow(0, 2 * r, 2)?)?.sum_all()?.backward()?;
+                                Ok((y, g.get(xr.as_tensor()).expect("gradient").clone()))
+                            },
+                        )
                     })
                 })
                 .collect();
