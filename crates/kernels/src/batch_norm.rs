@@ -24,9 +24,15 @@ pub fn batch_norm_train(
     if !fast_path(x) {
         candle_core::bail!("batch_norm_train: CPU f32/f64 only, got {:?}", x.dtype());
     }
+    apply_normalisation(&x.contiguous()?, affine, Forward(BatchNormOp { eps }))
+}
+
+/// `op` on contiguous x alone, or on x with (γ, β) of one entry per channel in x's float type.
+fn apply_normalisation<O>(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, op: O) -> Result<Tensor>
+where
+    O: candle_core::CustomOp1 + candle_core::CustomOp3 + Send + Sync + 'static,
+{
     let c = x.dim(1)?;
-    let op = Forward(BatchNormOp { eps });
-    let x = x.contiguous()?;
     match affine {
         None => x.apply_op1(op),
         Some((g, b)) => {
@@ -320,19 +326,7 @@ pub fn batch_norm_train_synchronised(
         count,
         reduce: reduce.clone(),
     };
-    let y = match affine {
-        None => x.apply_op1(op)?,
-        Some((g, bt)) => {
-            if g.elem_count() != c || bt.elem_count() != c {
-                candle_core::bail!("batch_norm_train: affine parameters must have {c} entries");
-            }
-            x.apply_op3(
-                &g.to_dtype(x.dtype())?.contiguous()?,
-                &bt.to_dtype(x.dtype())?.contiguous()?,
-                op,
-            )?
-        }
-    };
+    let y = apply_normalisation(&x, affine, op)?;
     Ok((y, GlobalMoments { mean, var, count }))
 }
 
