@@ -4,7 +4,15 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
 /// f32 or f64, with access to candle CPU storage.
 pub trait Element:
-    Copy + Default + Send + Sync + std::ops::AddAssign + std::ops::Mul<Output = Self> + 'static
+    Copy
+    + Default
+    + Send
+    + Sync
+    + std::ops::AddAssign
+    + std::ops::Mul<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + 'static
 {
     /// Zero.
     const ZERO: Self;

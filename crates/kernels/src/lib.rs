@@ -28,7 +28,7 @@ pub mod relu;
 pub mod row_norms;
 pub mod upsample;
 
-pub use broyden::{broyden_update, BroydenStep, BroydenUpdate, HistoryChange, Pairs};
+pub use broyden::{BroydenHistory, BroydenStep};
 pub use choice::{active_kernels, with_kernels, KernelChoice, KERNELS_ENV};
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use element::fast_path;

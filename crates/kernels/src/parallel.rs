@@ -19,6 +19,14 @@ impl<T> Shared<T> {
     pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
+
+    /// The `len` elements from `start`, read-only.
+    ///
+    /// # Safety
+    /// No thread may write this range while the slice lives, and it must be in bounds.
+    pub unsafe fn read<'a>(&self, start: usize, len: usize) -> &'a [T] {
+        std::slice::from_raw_parts(self.0.add(start), len)
+    }
 }
 
 /// Calls `f` on chunks of 0..n on all threads.

@@ -1,11 +1,12 @@
 //! Float64 reductions over f32/f64 slices, written so that they vectorise: a single running float
 //! sum is a serial dependency chain the compiler may not reorder, so each reduction keeps
-//! [`LANES`] independent partial sums.
+//! [`LANES`] independent partial sums (two AVX-512 registers of f64: with one, Broyden's dot
+//! products waited on the adder — cls-tiny's forward solve took 590 ms instead of 522).
 
 use crate::element::Element;
 
 /// Independent partial sums per reduction.
-pub(crate) const LANES: usize = 8;
+pub(crate) const LANES: usize = 16;
 
 /// Σ f(x) in f64 over `x`.
 #[inline(always)]

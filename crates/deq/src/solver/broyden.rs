@@ -2,13 +2,13 @@
 //!
 //! The inverse Jacobian of g(z) = f(z) − z is estimated per sample as M = −I + Σ_k u_k v_kᵀ; the
 //! first step is therefore plain iteration z₁ = f(z₀). The history is capped by a number of pairs
-//! and/or bytes (the official code keeps all 2·B·D·T floats); the oldest pairs go first.
+//! and/or bytes (the official code keeps all 2·B·D·T floats); the oldest pairs go first. The
+//! estimate and its update are the kernels' [`BroydenHistory`].
 
 use super::residual::ResidualTracker;
 use super::{FixedPointMap, Solution, SolverOptions};
 use candle_core::{Result, Tensor};
-use mdeq_kernels::{broyden_update, residual_with_norms, BroydenStep, HistoryChange, Pairs};
-use std::collections::VecDeque;
+use mdeq_kernels::{residual_with_norms, BroydenHistory, BroydenStep};
 
 /// Broyden-specific options.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -41,39 +41,6 @@ pub fn history_cap(
     bopts.max_pairs.unwrap_or(threshold).min(bytes / pair_bytes)
 }
 
-struct LowRank {
-    pairs: VecDeque<(Tensor, Tensor)>,
-    cap: usize,
-}
-
-impl LowRank {
-    fn halves(&self) -> (Vec<&Tensor>, Vec<&Tensor>) {
-        self.pairs.iter().map(|(u, v)| (u, v)).unzip()
-    }
-
-    /// What storing one more pair will do.
-    fn change_for_next_push(&self) -> HistoryChange {
-        if self.cap == 0 {
-            HistoryChange::Discard
-        } else if self.pairs.len() == self.cap {
-            HistoryChange::ReplaceOldest
-        } else {
-            HistoryChange::Append
-        }
-    }
-
-    /// Stores a pair, dropping the oldest at the cap (nothing at cap 0).
-    fn push(&mut self, u: Tensor, v: Tensor) {
-        if self.cap == 0 {
-            return;
-        }
-        if self.pairs.len() == self.cap {
-            self.pairs.pop_front();
-        }
-        self.pairs.push_back((u, v));
-    }
-}
-
 /// Solves z = f(z) from `z0` (B, D).
 pub fn solve(
     f: &mut dyn FixedPointMap,
@@ -83,10 +50,7 @@ pub fn solve(
 ) -> Result<Solution> {
     let (b, d) = z0.dims2()?;
     let cap = history_cap(b, d, z0.dtype().size_in_bytes(), opts.threshold, bopts);
-    let mut history = LowRank {
-        pairs: VecDeque::new(),
-        cap,
-    };
+    let mut history = BroydenHistory::new(z0, cap)?;
     let mut tracker = ResidualTracker::new("broyden", z0, opts, 1e-9)?;
     let mut x = z0.clone();
     let mut gx = (tracker.evaluate(f, &x)? - &x)?;
@@ -99,24 +63,14 @@ pub fn solve(
         if tracker.done() || tracker.stats_steps() == opts.threshold {
             break;
         }
-        let change = history.change_for_next_push();
-        let (us, vs) = history.halves();
-        let next = broyden_update(
-            BroydenStep {
-                x: &x,
-                x_new: &x_new,
-                g: &gx,
-                g_new: &g_new,
-            },
-            Pairs {
-                us: &us,
-                vs: &vs,
-                change,
-            },
-            &tracker.active_mask(&x_new)?,
-        )?;
-        history.push(next.u, next.vt);
-        x = std::mem::replace(&mut x_new, next.x_next);
+        let step = BroydenStep {
+            x: &x,
+            x_new: &x_new,
+            g: &gx,
+            g_new: &g_new,
+        };
+        let x_next = history.update(step, tracker.active())?;
+        x = std::mem::replace(&mut x_new, x_next);
         gx = g_new;
     }
     Ok(tracker.finish())
