@@ -254,7 +254,14 @@ def bench(cfg, state, args):
         grads = torch.autograd.grad(out, params, y)
         finite.append(all(torch.isfinite(t).all().item() for t in y + list(grads)))
 
-    for name, fn in (("cell_nograd", cell_nograd), ("fwd_bwd", fwd_bwd), ("vjp_z", vjp_z), ("train_step", train_step)):
+    figures = (("cell_nograd", cell_nograd), ("fwd_bwd", fwd_bwd), ("vjp_z", vjp_z), ("train_step", train_step))
+    only = [f for f in args.only.split(",") if f]
+    unknown = set(only) - {name for name, _ in figures}
+    if unknown:
+        sys.exit(f"--only: unknown figures {sorted(unknown)}")
+    for name, fn in figures:
+        if only and name not in only:
+            continue
         r = res[name] = timeit(fn, args.warmup, args.repeats)
         rss[name] = peak_rss_mib()
         print(f"{name:12s} median {r['median_ms']:9.2f} ms  min {r['min_ms']:9.2f} ms  (cpu median "
@@ -267,7 +274,7 @@ def bench(cfg, state, args):
         "device": args.device, "batch": args.batch, "hw_branch0": [H0, W0], "state_shapes": shapes, "dtype": "float32",
         "f_steps": args.f_steps, "b_steps": args.b_steps, "warmup": args.warmup, "repeats": args.repeats,
         "solver_stand_in": "plain fixed-point iteration (forward) and y <- yJ + gbar (backward)",
-        "train_step_values_finite": all(finite),
+        "train_step_values_finite": all(finite) if finite else None,
         "timings_ms": res, "peak_rss_mib_before_timing": rss_base, "peak_rss_mib_after": rss,
     }
     print(f"threads {report['threads']} (OMP_WAIT_POLICY {report['omp_wait_policy']}), load avg (1 min) "
@@ -284,6 +291,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="compare one application with the stored f_z0")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--hw", default=None, help="branch-0 state size HxW (default: the fixture's, 32x32 for cls)")
+    ap.add_argument("--only", default="", help="comma-separated figures to time (default all): "
+                    "cell_nograd, fwd_bwd, vjp_z, train_step")
     for flag, default in (("--batch", 32), ("--threads", 2), ("--warmup", 3), ("--repeats", 15),
                           ("--f-steps", 18), ("--b-steps", 20), ("--seed", 0)):
         ap.add_argument(flag, type=int, default=default, help=f"default {default}")

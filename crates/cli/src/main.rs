@@ -40,6 +40,9 @@ enum Command {
     /// Times the MDEQ cell (forward, forward+backward, one VJP, a training step), optionally side by
     /// side with the PyTorch reference; the last stdout line is a JSON object with the ratios.
     Bench(bench::Args),
+    /// Spins one core until killed: the competing load of `mdeq bench --busy`.
+    #[command(name = bench::contention::BUSY_LOOP_COMMAND, hide = true)]
+    BusyLoop,
 }
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3); the Rust binding lacks it.
@@ -66,5 +69,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BusyLoop => bench::contention::spin_forever(),
     }
 }

@@ -296,6 +296,72 @@ fn bench_times_every_figure_and_prints_its_json_report() -> mdeq_testkit::Result
     Ok(())
 }
 
+/// Processes running `exe busy-loop`, from /proc (Linux).
+fn busy_loops_of(exe: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.first() == Some(&exe.as_bytes()) && args.get(1) == Some(&&b"busy-loop"[..])
+        })
+        .count()
+}
+
+#[test]
+fn bench_busy_runs_competing_processes_while_it_times_and_stops_them() -> mdeq_testkit::Result {
+    let exe = env!("CARGO_BIN_EXE_mdeq");
+    let fixture = mdeq_testkit::fixture_str("cls-tiny");
+    let child = Command::new(exe)
+        .args([
+            "bench",
+            "--fixture",
+            &fixture,
+            "--batch",
+            "2",
+            "--busy",
+            "2",
+        ])
+        .args([
+            "--warmup",
+            "0",
+            "--repeats",
+            "200",
+            "--only",
+            "cell_forward",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // While it times, two busy processes run beside it.
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = seen.max(busy_loops_of(exe));
+        if seen == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(seen, 2, "busy processes seen while timing");
+    assert!(
+        stderr.contains("2 busy processes run beside every figure"),
+        "{stderr}"
+    );
+    let report = last_json(&String::from_utf8_lossy(&out.stdout));
+    assert!(report["mdeq"]["cell_forward"]
+        .as_f64()
+        .is_some_and(|t| t > 0.0));
+    // None is left running when the bench ends.
+    assert_eq!(busy_loops_of(exe), 0);
+    Ok(())
+}
+
 #[test]
 fn a_bad_file_gives_one_error_line_naming_it_and_exit_status_2() -> mdeq_testkit::Result {
     let root = scratch_dir("cli-errors")?;

@@ -14,6 +14,7 @@ use mdeq_recipe::ExperimentConfig;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
+pub mod contention;
 pub mod training;
 
 /// Bench settings (the defaults are torch_cell.py's).
@@ -62,6 +63,10 @@ pub struct Args {
     /// Print only the JSON report (one line) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Busy processes to run beside every figure, ours and PyTorch's (each spins one core), to
+    /// measure speed on a shared machine.
+    #[arg(long, default_value_t = 0)]
+    pub busy: usize,
     /// Where and in what mdeq computes (PyTorch runs on the same device).
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -79,6 +84,10 @@ pub fn run(args: Args) -> Result<()> {
     let compute = args.compute.resolve()?;
     let threads = rayon_threads();
     let torch_device = compute.device_name();
+    let _load = contention::BusyLoad::start(args.busy)?;
+    if args.busy > 0 {
+        eprintln!("{} busy processes run beside every figure", args.busy);
+    }
     let mut torch_runs = Vec::new();
     let mut time_torch = |when: &str| -> Result<()> {
         if let Some(py) = &args.compare_torch {
@@ -502,6 +511,7 @@ pub fn run_torch(
             "--b-steps",
             &opts.b_steps.to_string(),
         ])
+        .args(["--only", &torch_figures(&opts.only).join(",")])
         .output()
         .with_context(|| format!("running {python} {script}"))?;
     if !output.status.success() {
@@ -526,6 +536,15 @@ pub const TORCH_NAMES: &[(&str, &str)] = &[
     ("train_step", "train_step"),
 ];
 
+/// torch_cell.py's names of the figures `only` asks for that it has (all when `only` is empty).
+fn torch_figures(only: &[String]) -> Vec<&'static str> {
+    TORCH_NAMES
+        .iter()
+        .filter(|(ours, _)| only.is_empty() || only.iter().any(|o| o == ours))
+        .map(|(_, theirs)| *theirs)
+        .collect()
+}
+
 /// The JSON report: ours, torch's (lower of the runs' medians) and the ratios ours / torch.
 pub fn report(ours: &[(&str, Timing)], torch_runs: &[Map<String, Value>]) -> Value {
     let mut mdeq = Map::new();
@@ -537,7 +556,7 @@ pub fn report(ours: &[(&str, Timing)], torch_runs: &[Map<String, Value>]) -> Val
     for (ours_name, torch_name) in TORCH_NAMES {
         let best = torch_runs
             .iter()
-            .filter_map(|r| r[*torch_name]["median_ms"].as_f64())
+            .filter_map(|r| r.get(*torch_name)?["median_ms"].as_f64())
             .fold(f64::INFINITY, f64::min);
         if best.is_finite() {
             torch.insert(ours_name.to_string(), json!(best));
