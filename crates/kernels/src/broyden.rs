@@ -318,6 +318,7 @@ impl Ring<'_> {
                 // The reads end here: the target may be the oldest pair's slot.
                 drop((u_rows, v_rows));
                 if let Some(slot) = self.target {
+                    // SAFETY: row r's slots belong to this work item, and nothing reads them now.
                     unsafe {
                         ring.slice(at(slot, 0), d).copy_from_slice(&u_row);
                         ring.slice(at(slot, 1), d).copy_from_slice(&vt_row);
