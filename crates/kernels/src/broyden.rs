@@ -132,6 +132,22 @@ impl BroydenHistory {
             );
         }
         let change = self.change_for_next_push();
+        // The ring's slots, oldest pair first, and the one the new pair goes to.
+        let slots: Vec<usize> = (0..self.len).map(|j| self.slot(j)).collect();
+        let target = match change {
+            HistoryChange::Append => Some(self.slot(self.len)),
+            HistoryChange::ReplaceOldest => Some(self.oldest),
+            HistoryChange::Discard => None,
+        };
+        let ring = Ring {
+            rows,
+            d,
+            cap: self.cap,
+            slots: &slots,
+            target,
+            change,
+            moving,
+        };
         let x_next = match &mut self.store {
             Store::Tensors(pairs) => {
                 let mask: Vec<f64> = moving.iter().map(|&m| f64::from(u8::from(m))).collect();
@@ -147,33 +163,8 @@ impl BroydenHistory {
                 }
                 x_next
             }
-            _ => {
-                let operands: Vec<Tensor> = [step.x, step.x_new, step.g, step.g_new]
-                    .into_iter()
-                    .map(Tensor::contiguous)
-                    .collect::<Result<_>>()?;
-                let refs: Vec<&Tensor> = operands.iter().collect();
-                let slots: Vec<usize> = (0..self.len).map(|j| self.slot(j)).collect();
-                let target = match change {
-                    HistoryChange::Append => Some(self.slot(self.len)),
-                    HistoryChange::ReplaceOldest => Some(self.oldest),
-                    HistoryChange::Discard => None,
-                };
-                let ring = Ring {
-                    rows,
-                    d,
-                    cap: self.cap,
-                    slots: &slots,
-                    target,
-                    change,
-                    moving,
-                };
-                match &mut self.store {
-                    Store::F32(buf) => with_cpu_slices::<f32, _>(&refs, |s| ring.run(s, buf))?,
-                    Store::F64(buf) => with_cpu_slices::<f64, _>(&refs, |s| ring.run(s, buf))?,
-                    Store::Tensors(_) => unreachable!("handled above"),
-                }?
-            }
+            Store::F32(buf) => ring.update(step, buf)?,
+            Store::F64(buf) => ring.update(step, buf)?,
         };
         match change {
             HistoryChange::Append => self.len += 1,
@@ -267,6 +258,20 @@ struct Ring<'a> {
 }
 
 impl Ring<'_> {
+    /// The update of the ring `buf` by `step`; returns the next iterate.
+    fn update<T: Element + candle_core::WithDType>(
+        &self,
+        step: BroydenStep,
+        buf: &mut [T],
+    ) -> Result<Tensor> {
+        let operands: Vec<Tensor> = [step.x, step.x_new, step.g, step.g_new]
+            .into_iter()
+            .map(Tensor::contiguous)
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = operands.iter().collect();
+        with_cpu_slices::<T, _>(&refs, |s| self.run(s, buf))?
+    }
+
     /// `s` holds x, x_new, g, g_new; `buf` is the ring. Returns the next iterate.
     fn run<T: Element + candle_core::WithDType>(
         &self,
