@@ -5,10 +5,9 @@
 //! Composed from candle ops the update is about twenty full passes over the (B, D) state, each a
 //! fresh tensor on one thread, and every pair a fresh allocation. The native path keeps the pairs
 //! in one buffer allocated when the solve starts, each sample's pairs side by side
-//! (`[B][cap][u, v][D]`): a sample's history is one contiguous stretch that the prefetcher
-//! streams and that stays in L2 between the update's two passes over it, where pairs allocated
-//! one by one sit a multiple of the L2 set span apart and evict each other. Each sample's row is
-//! one work item and every dot product is accumulated in float64.
+//! (`[B][cap][u, v][D]`, see `ring_offset`), and reads each pair from memory once per step: the
+//! sweep that takes pair j's dot products also adds pair j−1's terms, whose vectors are still in
+//! L2. Each sample's row is one work item and every dot product is accumulated in float64.
 
 use crate::element::{check_operands, fast_path, with_cpu_slices, Element};
 use crate::low_rank::{low_rank_apply, low_rank_apply_many};
@@ -193,7 +192,7 @@ impl BroydenHistory {
                     let half = |which: usize| -> Result<Tensor> {
                         let v: Vec<T> = (0..h.rows)
                             .flat_map(|r| {
-                                let at = ((r * h.cap + slot) * 2 + which) * h.d;
+                                let at = ring_offset(r, slot, which, h.cap, h.d);
                                 buf[at..at + h.d].iter().copied()
                             })
                             .collect();
@@ -244,6 +243,12 @@ fn composed(
     Ok((u, vt, x_next))
 }
 
+/// Where row `r`'s half `which` (0: u, 1: vᵀ) of the pair in ring slot `slot` starts, in a ring of
+/// `cap` pairs of width `d`.
+fn ring_offset(r: usize, slot: usize, which: usize, cap: usize, d: usize) -> usize {
+    ((r * cap + slot) * 2 + which) * d
+}
+
 /// One native update's problem size and choices.
 struct Ring<'a> {
     rows: usize,
@@ -292,7 +297,7 @@ impl Ring<'_> {
             let (mut u_row, mut vt_row) = (uninit_vec::<T>(d), uninit_vec::<T>(d));
             for r in range {
                 let span = r * d..(r + 1) * d;
-                let at = |slot: usize, which: usize| ((r * cap + slot) * 2 + which) * d;
+                let at = |slot: usize, which: usize| ring_offset(r, slot, which, cap, d);
                 // SAFETY: row r's part of the ring and of x_next belong to this work item; the
                 // stored pairs are only read here, and the target slot is written after.
                 let (u_rows, v_rows): (Vec<&[T]>, Vec<&[T]>) = self
@@ -441,20 +446,12 @@ fn update_row<T: Element>(
             lanes[l] += v * gc[l].to_f64();
         }
     }
-    let mut tail = 0f64;
     for i in body..d {
         u[i] = T::from_f64(clean((dx[i].to_f64() - m_dg[i].to_f64()) * inverse));
         vt[i] = T::from_f64(clean(vt[i].to_f64()));
     }
-    if c.with_new_pair {
-        tail = vt[body..]
-            .iter()
-            .zip(&gn[body..])
-            .map(|(p, q)| p.to_f64() * q.to_f64())
-            .sum();
-    }
     let c_new = T::from_f64(if c.with_new_pair {
-        lanes.iter().sum::<f64>() + tail
+        lanes.iter().sum::<f64>() + dot(&vt[body..], &gn[body..])
     } else {
         0.0
     });
@@ -528,13 +525,8 @@ fn sweep<T: Element>(
     if let Some(t) = &add {
         add_terms(body..d, t, vt, m, xo);
     }
-    let tail = |p: &[T], q: &[T]| -> f64 {
-        p[body..]
-            .iter()
-            .zip(&q[body..])
-            .map(|(p, q)| p.to_f64() * q.to_f64())
-            .sum()
-    };
+    // The elements past the last full lane group: `dot` of the tails is that sum.
+    let tail = |p: &[T], q: &[T]| dot(&p[body..], &q[body..]);
     Some([
         a.iter().sum::<f64>() + tail(u, dx),
         b.iter().sum::<f64>() + tail(v, dg),
