@@ -1,16 +1,18 @@
 //! `mdeq eval`: scores a checkpoint on the recipe's evaluation split, at one or several forward
-//! solver thresholds (the accuracy-against-compute curve, printed and drawn).
+//! solver thresholds and tolerances (the accuracy-against-compute and anytime-inference curves,
+//! printed and drawn), and with `--diagnose` describes the equilibria it found.
 
 use crate::compute::ComputeArgs;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use mdeq_checkpoint::format;
 use mdeq_checkpoint::format::TrainingState;
 use mdeq_data::Split;
 use mdeq_distributed::World;
 use mdeq_model::Compute;
-use mdeq_recipe::ExperimentConfig;
+use mdeq_recipe::{DeqConfig, ExperimentConfig};
 use mdeq_train::data::RecipeSplit;
 use mdeq_train::evaluate::{evaluate, EvalResult, Forward};
+use mdeq_train::plots::{self, Series};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -33,10 +35,18 @@ pub struct Args {
     /// Evaluate at most N images.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// PNG of the accuracy-against-compute curve (default with several --f-thres:
-    /// accuracy_vs_compute.png beside the checkpoint).
+    /// Solver tolerances to evaluate at, each with per-sample early exit up to F_THRES
+    /// (default: the recipe's eps); several give the anytime-inference curve, accuracy against
+    /// the f evaluations each image took.
+    #[arg(long, value_delimiter = ',')]
+    pub tol: Vec<f64>,
+    /// Also report the distribution of the final residuals and the spectral radius of J at
+    /// every image's equilibrium (power iteration, 30 VJPs per batch).
     #[arg(long)]
-    pub plot: Option<PathBuf>,
+    pub diagnose: bool,
+    /// Folder for the curves' PNGs (default: the checkpoint's folder).
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -49,20 +59,25 @@ pub struct Args {
     pub compute: ComputeArgs,
 }
 
-/// Evaluates, draws the curve where there is one, and prints the table or the JSON report.
+/// Power iterations of `--diagnose` per batch: enough for two significant digits of a
+/// dominant eigenvalue separated from the next by 10% (0.9^30 ≈ 0.04).
+pub const POWER_ITERATIONS: usize = 30;
+
+/// Evaluates, draws the curves where there are some, and prints the table or the JSON report.
 pub fn run(args: Args) -> Result<()> {
-    let plot = args.plot.clone().or_else(|| {
-        (args.f_thres.len() > 1).then(|| {
-            args.checkpoint
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("accuracy_vs_compute.png")
-        })
-    });
     let (points, names) = evaluate_checkpoint(&args)?;
-    if let Some(path) = &plot {
-        match self::plot(&points, path) {
-            Ok(()) => eprintln!("wrote {}", path.display()),
+    let dir = args.plots.clone().unwrap_or_else(|| {
+        args.checkpoint
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    });
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("warning: no plots: {}: {e}", dir.display());
+    }
+    for drawn in plot(&points, &dir) {
+        match drawn {
+            Ok(path) => eprintln!("wrote {}", path.display()),
             Err(e) => eprintln!("warning: no plot: {e:#}"),
         }
     }
@@ -74,16 +89,19 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// One threshold's scores.
+/// One (threshold, tolerance) setting's scores.
 #[derive(Debug, Clone)]
 pub struct EvalPoint {
     /// Forward threshold.
     pub f_thres: usize,
+    /// Forward tolerance.
+    pub tol: f64,
     /// Scores.
     pub result: EvalResult,
 }
 
-/// Runs the evaluation; returns one point per threshold and the class names.
+/// Runs the evaluation; returns one point per (threshold, tolerance), thresholds outermost,
+/// and the class names.
 pub fn evaluate_checkpoint(req: &Args) -> Result<(Vec<EvalPoint>, Vec<String>)> {
     let compute = req.compute.resolve()?;
     compute.run(|| evaluate_on(req, &compute))
@@ -93,32 +111,66 @@ fn evaluate_on(req: &Args, compute: &Compute) -> Result<(Vec<EvalPoint>, Vec<Str
     let (cfg, model, state) =
         format::load_with_state(&req.checkpoint, compute.dtype, &compute.device)?;
     let forward = chosen_forward(&cfg, state.as_ref(), req.mode, &req.checkpoint);
+    let settings = settings(&cfg.deq, &req.f_thres, &req.tol)?;
+    if forward == Forward::Unrolled && (req.diagnose || !req.tol.is_empty()) {
+        bail!(
+            "--tol and --diagnose describe the DEQ solve; this evaluation runs unrolled \
+             (--mode deq asks for the solve)"
+        );
+    }
     let data = req
         .data
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.data.root));
     let test = RecipeSplit::open(&cfg, &data, Split::Test)?;
     let loader = test.loader(&cfg, req.batch_size, 0, 0);
-    let thresholds = if req.f_thres.is_empty() {
-        vec![cfg.deq.f_thres]
-    } else {
-        req.f_thres.clone()
-    };
     let mut points = Vec::new();
-    for t in thresholds {
-        let mut deq = cfg.deq.clone();
-        deq.f_thres = t;
+    for deq in settings {
         let rt = deq.runtime();
         let result = evaluate(
             &model,
             &loader,
             forward.mode(&cfg, &rt),
             req.limit,
+            req.diagnose.then_some(POWER_ITERATIONS),
             &World::single(),
         )?;
-        points.push(EvalPoint { f_thres: t, result });
+        points.push(EvalPoint {
+            f_thres: deq.f_thres,
+            tol: deq.eps,
+            result,
+        });
     }
     Ok((points, test.kind.class_names(cfg.model.num_classes)))
+}
+
+/// The recipe's `[deq]` section at every (threshold, tolerance) asked for, thresholds
+/// outermost; an empty list is the recipe's own value.
+fn settings(recipe: &DeqConfig, f_thres: &[usize], tol: &[f64]) -> Result<Vec<DeqConfig>> {
+    let f_thres = if f_thres.is_empty() {
+        &[recipe.f_thres][..]
+    } else {
+        f_thres
+    };
+    let tol = if tol.is_empty() {
+        &[recipe.eps][..]
+    } else {
+        tol
+    };
+    let mut all = Vec::new();
+    for &t in f_thres {
+        for &eps in tol {
+            let deq = DeqConfig {
+                f_thres: t,
+                eps,
+                ..recipe.clone()
+            };
+            deq.validate()
+                .map_err(|e| anyhow::anyhow!("--f-thres {t} --tol {eps}: {e}"))?;
+            all.push(deq);
+        }
+    }
+    Ok(all)
 }
 
 /// The forward `mode` asks for, else the one the checkpoint was trained with; says on stderr
@@ -150,16 +202,36 @@ pub fn chosen_forward(
     forward
 }
 
-/// The human-readable report: one line per threshold, then the per-class IoU table of the last.
+/// The human-readable report: one line per setting, the diagnostics of each that has them,
+/// then the per-class IoU table of the last.
 pub fn report(points: &[EvalPoint], class_names: &[String]) -> String {
     let mut out = String::new();
     for p in points {
+        let r = &p.result;
         out += &format!(
-            "f_thres {:>3}: {} ({:.1} solver steps per batch)\n",
+            "f_thres {:>3}, tol {:.0e}: {}",
             p.f_thres,
-            p.result.summary(),
-            p.result.mean_steps
+            p.tol,
+            r.summary()
         );
+        if let (Some(evals), Some(res), Some(conv)) =
+            (r.mean_evaluations, r.mean_residual, r.converged)
+        {
+            out += &format!(
+                "; {evals:.2} f evaluations per image, mean residual {res:.2e}, \
+                 {:.1}% converged",
+                100.0 * conv
+            );
+        }
+        out += &format!("; {:.2} ms per image\n", 1e3 * r.seconds_per_image);
+        if let Some(d) = &r.diagnostics {
+            out += &format!("  final relative residual: {}\n", d.residual.summary());
+            out += &format!(
+                "  spectral radius of J at z* ({} power iterations): {}\n",
+                d.power_iterations,
+                d.spectral_radius.summary()
+            );
+        }
     }
     if let Some(iou) = points.last().and_then(|p| p.result.class_iou.as_ref()) {
         out += "class                  IoU\n";
@@ -170,11 +242,12 @@ pub fn report(points: &[EvalPoint], class_names: &[String]) -> String {
     out
 }
 
-/// The `--json` object: the scores of a single threshold, or `{"curve": [...]}`.
+/// The `--json` object: the scores of a single setting, or `{"curve": [...]}`.
 pub fn json_report(points: &[EvalPoint]) -> serde_json::Value {
     let one = |p: &EvalPoint| {
         let mut v = serde_json::to_value(&p.result).expect("plain numbers");
         v["f_thres"] = p.f_thres.into();
+        v["tol"] = p.tol.into();
         v
     };
     match points {
@@ -183,16 +256,50 @@ pub fn json_report(points: &[EvalPoint]) -> serde_json::Value {
     }
 }
 
-/// Draws the accuracy-against-compute curve of several thresholds.
-pub fn plot(points: &[EvalPoint], path: &Path) -> Result<()> {
+/// Draws, into `dir`, the accuracy-against-threshold curve when several thresholds were
+/// evaluated (one line per tolerance) and the anytime curve when several tolerances were (one
+/// line per threshold); returns each file written or why not.
+pub fn plot(points: &[EvalPoint], dir: &Path) -> Vec<Result<PathBuf>> {
     let metric = if points.iter().any(|p| p.result.miou.is_some()) {
         "mIoU"
     } else {
         "top-1 accuracy"
     };
-    let xy: Vec<(usize, f64)> = points
-        .iter()
-        .map(|p| (p.f_thres, p.result.score()))
-        .collect();
-    mdeq_train::plots::accuracy_vs_compute(path, metric, &xy)
+    let distinct = |key: &dyn Fn(&EvalPoint) -> String| {
+        let mut keys: Vec<String> = points.iter().map(key).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    };
+    // Series keyed by the other setting, in order of first appearance.
+    let series = |name: &dyn Fn(&EvalPoint) -> String, x: &dyn Fn(&EvalPoint) -> f64| {
+        let mut all: Vec<Series> = Vec::new();
+        for p in points {
+            let label = name(p);
+            let xy = (x(p), p.result.score());
+            match all.iter_mut().find(|s| s.name == label) {
+                Some(s) => s.points.push(xy),
+                None => all.push(Series {
+                    name: label,
+                    points: vec![xy],
+                }),
+            }
+        }
+        all
+    };
+    let tol_name = |p: &EvalPoint| format!("tol {:.0e}", p.tol);
+    let thres_name = |p: &EvalPoint| format!("F_THRES {}", p.f_thres);
+    let mut drawn = Vec::new();
+    if distinct(&thres_name).len() > 1 {
+        let path = dir.join("accuracy_vs_compute.png");
+        let s = series(&tol_name, &|p| p.f_thres as f64);
+        drawn.push(plots::accuracy_vs_compute(&path, metric, &s).map(|()| path));
+    }
+    if distinct(&tol_name).len() > 1 {
+        let path = dir.join("accuracy_vs_tolerance.png");
+        let evals = |p: &EvalPoint| p.result.mean_evaluations.unwrap_or(f64::NAN);
+        let s = series(&thres_name, &evals);
+        drawn.push(plots::accuracy_vs_tolerance(&path, metric, &s).map(|()| path));
+    }
+    drawn
 }

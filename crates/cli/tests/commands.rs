@@ -85,6 +85,12 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `mdeq eval --json` of `ckpt` on `data` with `extra` flags: the report's JSON.
+fn eval_json(ckpt: &Path, data: &Path, extra: &[&str]) -> Value {
+    let base = ["eval", "--checkpoint", s(ckpt), "--data", s(data), "--json"];
+    last_json(&mdeq(&[&base[..], extra].concat()))
+}
+
 /// Trains the recipe for four steps; returns its last checkpoint.
 fn train_briefly(cfg: &Path, data: &Path, out: &Path) -> PathBuf {
     let args = [
@@ -105,16 +111,8 @@ fn classification_train_eval_predict() -> mdeq_testkit::Result {
     let (root, data, cfg) = setup("cls", &classification_recipe())?;
     let out = root.join("run");
     let ckpt = train_briefly(&cfg, &data, &out);
-    let curve = last_json(&mdeq(&[
-        "eval",
-        "--checkpoint",
-        s(&ckpt),
-        "--data",
-        s(&data),
-        "--f-thres",
-        "1,3",
-        "--json",
-    ]));
+    let eval = |extra: &[&str]| eval_json(&ckpt, &data, extra);
+    let curve = eval(&["--f-thres", "1,3"]);
     let points = curve["curve"].as_array().unwrap();
     assert_eq!(points.len(), 2);
     for (p, t) in points.iter().zip([1, 3]) {
@@ -124,15 +122,48 @@ fn classification_train_eval_predict() -> mdeq_testkit::Result {
         assert!((0.0..=1.0).contains(&t1) && t1 <= t5);
     }
     assert!(std::fs::read(out.join("accuracy_vs_compute.png"))?.starts_with(b"\x89PNG"));
-    let one = last_json(&mdeq(&[
-        "eval",
-        "--checkpoint",
-        s(&ckpt),
-        "--data",
-        s(&data),
-        "--json",
-    ]));
+    let one = eval(&[]);
     assert!(one["top1"].is_number() && one["f_thres"] == 3);
+
+    // Anytime inference: per-sample early exit at each tolerance. A looser tolerance lets each
+    // image leave the solve no later, so it never costs more f evaluations; the diagnostics
+    // describe every image, and a converged image's residual is below its tolerance.
+    let plots = root.join("plots");
+    let anytime = eval(&[
+        "--f-thres",
+        "12",
+        "--tol",
+        "0.9,1e-2,1e-6",
+        "--diagnose",
+        "--plots",
+        s(&plots),
+    ]);
+    let points = anytime["curve"].as_array().unwrap();
+    assert_eq!(points.len(), 3);
+    let evals: Vec<f64> = points
+        .iter()
+        .map(|p| p["mean_evaluations"].as_f64().unwrap())
+        .collect();
+    assert!(evals.windows(2).all(|w| w[0] <= w[1]), "{evals:?}");
+    assert!(evals[0] < evals[2] && evals[2] <= 13.0, "{evals:?}");
+    for (p, tol) in points.iter().zip([0.9, 1e-2, 1e-6]) {
+        assert_eq!(p["tol"], tol);
+        let d = &p["diagnostics"];
+        assert_eq!(d["residual"]["count"], 20);
+        assert_eq!(d["spectral_radius"]["count"], 20);
+        let converged = p["converged"].as_f64().unwrap();
+        let below = d["residual"]["below"].as_f64().unwrap();
+        assert!(below >= converged - 1e-12, "{below} < {converged}");
+        let (lo, hi) = (
+            d["residual"]["min"].as_f64().unwrap(),
+            d["residual"]["max"].as_f64().unwrap(),
+        );
+        let mean = p["mean_residual"].as_f64().unwrap();
+        assert!(lo <= mean && mean <= hi, "{lo} {mean} {hi}");
+        assert!(d["spectral_radius"]["min"].as_f64().unwrap() > 0.0);
+    }
+    assert!(points[0]["converged"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read(plots.join("accuracy_vs_tolerance.png"))?.starts_with(b"\x89PNG"));
 
     // A grey PNG of a different size: resized to the recipe's 8×8.
     let png = root.join("item.png");
@@ -185,14 +216,7 @@ fn segmentation_train_eval_predict() -> mdeq_testkit::Result {
     assert!(log
         .lines()
         .any(|l| l.contains("\"kind\":\"eval\"") && l.contains("\"miou\"")));
-    let r = last_json(&mdeq(&[
-        "eval",
-        "--checkpoint",
-        s(&ckpt),
-        "--data",
-        s(&data),
-        "--json",
-    ]));
+    let r = eval_json(&ckpt, &data, &[]);
     let iou: Vec<f64> = r["class_iou"]
         .as_array()
         .unwrap()
@@ -503,6 +527,23 @@ fn eval_uses_the_forward_the_checkpoint_was_trained_with() -> mdeq_testkit::Resu
         "{said}"
     );
     assert!(deq["mean_steps"].as_f64().unwrap() > 0.0);
+    // Tolerances and diagnostics describe a solve: refused for the unrolled forward, with the
+    // way to ask for the solve.
+    let o = Command::new(env!("CARGO_BIN_EXE_mdeq"))
+        .args([
+            "eval",
+            "--checkpoint",
+            s(&ckpt),
+            "--data",
+            s(&data),
+            "--diagnose",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("--mode deq"),
+        "{stderr}"
+    );
     // Past pretraining (the standard recipe pretrains for 2 of its 4 steps): DEQ by default.
     let (root2, data2, cfg2) = setup("cls-mode-deq", &classification_recipe())?;
     let ckpt2 = train_briefly(&cfg2, &data2, &root2.join("run"));

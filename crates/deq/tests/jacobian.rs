@@ -40,6 +40,27 @@ fn power_iteration_finds_the_dominant_eigenvalue() -> mdeq_testkit::Result {
     Ok(())
 }
 
+/// A dominant complex pair: J = blockdiag(ρ·R(θ), 0.3, −0.2, 0.1) with R a rotation, whose
+/// eigenvalues ρe^{±iθ} have modulus ρ. The official Rayleigh quotient |⟨vJ, v⟩| / ⟨v, v⟩
+/// reads ρ|cos θ| here; the power iteration's growth must read ρ.
+fn power_iteration_finds_the_modulus_of_a_complex_pair() -> mdeq_testkit::Result {
+    let (rho, theta) = (0.8f64, 1.1f64);
+    let mut j = vec![0.0; D * D];
+    j[0] = rho * theta.cos();
+    j[1] = -rho * theta.sin();
+    j[D] = rho * theta.sin();
+    j[D + 1] = rho * theta.cos();
+    for (k, l) in [(2, 0.3), (3, -0.2), (4, 0.1)] {
+        j[k * D + k] = l;
+    }
+    let jt = Tensor::from_vec(j, (D, D), &Device::Cpu)?;
+    let mut vjp = |v: &Tensor| v.matmul(&jt);
+    let v0 = Tensor::ones((1, D), DType::F64, &Device::Cpu)?;
+    let estimate = spectral_radius(&mut vjp, &v0, 200)?[0];
+    assert!((estimate - rho).abs() < 1e-9, "{estimate} vs ρ = {rho}");
+    Ok(())
+}
+
 fn hutchinson_estimates_the_frobenius_norm_and_converges() -> mdeq_testkit::Result {
     let lambda = [1.5, -1.0, 0.5, 0.25, 2.0];
     // ‖J‖²_F = Σ λ² (J is orthogonally similar to diag(λ)), per sample; the estimator divides by B·D.
@@ -153,6 +174,7 @@ fn finite_difference_penalty_trains_the_parameters() -> mdeq_testkit::Result {
 
 mdeq_testkit::on_every_kernel!(
     power_iteration_finds_the_dominant_eigenvalue,
+    power_iteration_finds_the_modulus_of_a_complex_pair,
     hutchinson_estimates_the_frobenius_norm_and_converges,
     finite_difference_penalty_estimates_the_frobenius_norm,
     finite_difference_penalty_trains_the_parameters,

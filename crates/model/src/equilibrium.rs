@@ -2,11 +2,12 @@
 //! mode) or apply the cell a fixed number of times (pretraining). The training step built on
 //! these is `mdeq_train::step`.
 
-use crate::cell::solver_map::CellMap;
+use crate::cell::solver_map::{CellMap, CellVjp};
 use crate::cell::MultiscaleCell;
 use crate::mdeq::Mdeq;
 use crate::state::StateLayout;
 use candle_core::{Result, Tensor};
+use mdeq_deq::jacobian::{gaussian_probes, spectral_radius};
 use mdeq_deq::solver::solve_with_fallback;
 use mdeq_deq::{BackwardMode, SolverKind, SolverOptions, SolverStats};
 
@@ -64,6 +65,37 @@ pub fn eval_forward(
     let (z, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, rt, None)?;
     let z = layout.unflatten(&z)?;
     Ok((model.head(&z, false)?, z, stats))
+}
+
+/// The spectral radius of J = ∂f/∂z at each sample's equilibrium `z` (per branch, as
+/// [`eval_forward`] returns it) of `image`: `iterations` steps of power iteration with VJPs
+/// through one taped evaluation of the eval-mode cell, from a Gaussian start seeded by `seed`.
+/// Below 1, f is locally contractive at z*: the fixed point is attracting, and the implicit
+/// backward's linear system is well posed (reference §4.5).
+pub fn spectral_radius_at(
+    model: &Mdeq,
+    image: &Tensor,
+    z: &[Tensor],
+    iterations: usize,
+    seed: u64,
+) -> Result<Vec<f64>> {
+    use rand::SeedableRng;
+    let injection = model.injection(image, false)?;
+    let (b, _, h, w) = image.dims4()?;
+    let layout = model.layout(h, w);
+    let cell = model.cell().prepared(true)?;
+    let masks = vec![None; layout.branches.len()];
+    let map = CellMap {
+        cell: &cell,
+        injection: &injection,
+        masks: &masks,
+        layout: &layout,
+    };
+    let mut recorded = CellVjp::record(&map, &layout.flatten(z)?)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let start = gaussian_probes(&mut rng, 1, (b, layout.size()), image.device())?.remove(0);
+    let start = start.to_dtype(image.dtype())?;
+    spectral_radius(&mut |v: &Tensor| recorded.vjp(v), &start, iterations)
 }
 
 /// Pretraining-phase evaluation: `layers` weight-tied applications of f from zero, head in eval

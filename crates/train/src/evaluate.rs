@@ -6,8 +6,9 @@ use crate::metrics::{correct, ConfusionMatrix};
 use anyhow::Result;
 use candle_core::Tensor;
 use mdeq_data::BatchLoader;
+use mdeq_deq::{SampleStatus, StopMode};
 use mdeq_distributed::{Reduce, World};
-use mdeq_model::equilibrium::{eval_forward, unrolled_forward, DeqRuntime};
+use mdeq_model::equilibrium::{eval_forward, spectral_radius_at, unrolled_forward, DeqRuntime};
 use mdeq_model::{Mdeq, Task};
 use serde::Serialize;
 
@@ -35,6 +36,113 @@ pub struct EvalResult {
     pub mean_steps: f64,
     /// Worst lowest residual over all batches.
     pub worst_residual: f64,
+    /// Mean evaluations of f per image, each image counting its own (a converged image leaves
+    /// the batch): the compute an early exit saves shows here (DEQ mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_evaluations: Option<f64>,
+    /// Mean over images of the relative residual ‖f(z) − z‖ / ‖f(z)‖ of the returned iterate
+    /// (DEQ mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_residual: Option<f64>,
+    /// Fraction of images whose solve reached the tolerance (DEQ mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub converged: Option<f64>,
+    /// Wall time per image, in seconds, of the whole evaluation (batches prefetched), the
+    /// diagnostics' own time left out.
+    pub seconds_per_image: f64,
+    /// Distributions over the images, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<Diagnostics>,
+}
+
+/// What `mdeq eval --diagnose` reports about the equilibria it found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diagnostics {
+    /// The final relative residual of each image's solve.
+    pub residual: Distribution,
+    /// The spectral radius of J = ∂f/∂z at each image's z*, by power iteration.
+    pub spectral_radius: Distribution,
+    /// Power iterations each estimate took.
+    pub power_iterations: usize,
+}
+
+/// Summary of a sample of values: the order statistics a reader checks first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Distribution {
+    /// Finite values summarised.
+    pub count: usize,
+    /// Values that were NaN or infinite (left out of the rest).
+    pub non_finite: usize,
+    /// Mean of the finite values.
+    pub mean: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Median (nearest rank).
+    pub median: f64,
+    /// 90th percentile (nearest rank).
+    pub p90: f64,
+    /// 99th percentile (nearest rank).
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+    /// Fraction of the finite values below `threshold`.
+    pub below: f64,
+    /// The threshold of `below`: for residuals the solver's tolerance (1e-2 when it bounds the
+    /// absolute residual instead), for spectral radii 1.
+    pub threshold: f64,
+}
+
+impl Distribution {
+    /// Summarises `values`; NaN statistics when none is finite.
+    pub fn of(values: &[f64], threshold: f64) -> Self {
+        let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        finite.sort_by(f64::total_cmp);
+        let n = finite.len();
+        // Nearest rank: the smallest value with at least q·n values at or below it.
+        let rank = |q: f64| {
+            finite
+                .get(((q * n as f64).ceil() as usize).clamp(1, n.max(1)) - 1)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        let mean = if n == 0 {
+            f64::NAN
+        } else {
+            finite.iter().sum::<f64>() / n as f64
+        };
+        Self {
+            count: n,
+            non_finite: values.len() - n,
+            mean,
+            min: finite.first().copied().unwrap_or(f64::NAN),
+            median: rank(0.5),
+            p90: rank(0.9),
+            p99: rank(0.99),
+            max: finite.last().copied().unwrap_or(f64::NAN),
+            below: finite.iter().filter(|&&v| v < threshold).count() as f64 / n.max(1) as f64,
+            threshold,
+        }
+    }
+
+    /// One line for humans.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "mean {:.3e}, min {:.3e}, median {:.3e}, p90 {:.3e}, p99 {:.3e}, max {:.3e}; \
+             {:.1}% below {:e}",
+            self.mean,
+            self.min,
+            self.median,
+            self.p90,
+            self.p99,
+            self.max,
+            100.0 * self.below,
+            self.threshold
+        );
+        if self.non_finite > 0 {
+            line += &format!("; {} not finite", self.non_finite);
+        }
+        line
+    }
 }
 
 impl EvalResult {
@@ -103,18 +211,31 @@ impl Forward {
 }
 
 /// Evaluates `model` on the batches of `loader` — the first batches that hold `limit` images,
-/// or all — shared among the ranks of `world` batch by batch, with the scores of all.
+/// or all — shared among the ranks of `world` batch by batch, with the scores of all. With
+/// `power_iterations` (DEQ mode, one process) it also estimates the spectral radius of J at
+/// every image's equilibrium and reports the distributions ([`Diagnostics`]).
 pub fn evaluate(
     model: &Mdeq,
     loader: &BatchLoader,
     mode: EvalMode,
     limit: Option<usize>,
+    power_iterations: Option<usize>,
     world: &World,
 ) -> Result<EvalResult> {
+    if power_iterations.is_some()
+        && (world.is_distributed() || matches!(mode, EvalMode::Unrolled(_)))
+    {
+        anyhow::bail!(
+            "diagnostics need the DEQ solve in one process (the equilibria are what they describe)"
+        );
+    }
+    let started = std::time::Instant::now();
     let task = model.config().task;
     let mut confusion = ConfusionMatrix::new(model.config().num_classes);
     let (mut top1, mut top5, mut n, mut steps, mut batches, mut worst) =
         (0usize, 0usize, 0usize, 0usize, 0usize, 0f64);
+    let (mut evaluations, mut residual_sum, mut converged) = (0usize, 0f64, 0usize);
+    let (mut residuals, mut radii, mut diagnosis_seconds) = (Vec::new(), Vec::new(), 0.0);
     let (mut count, mut images) = (0, 0);
     while count < loader.len() && limit.is_none_or(|l| images < l) {
         images += loader.global_rows(count);
@@ -126,9 +247,29 @@ pub fn evaluate(
         let images = batch.images.to_dtype(model.dtype())?;
         let logits = match mode {
             EvalMode::Deq(rt) => {
-                let (logits, _, stats) = eval_forward(model, &images, rt)?;
+                let (logits, z, stats) = eval_forward(model, &images, rt)?;
                 steps += stats.steps;
                 worst = worst.max(stats.worst_lowest());
+                evaluations += stats.sample_evaluations;
+                converged += stats
+                    .status
+                    .iter()
+                    .filter(|s| **s == SampleStatus::Converged)
+                    .count();
+                let rel = stats.final_rel_residual();
+                residual_sum += rel.iter().sum::<f64>();
+                if let Some(iterations) = power_iterations {
+                    let diagnosing = std::time::Instant::now();
+                    radii.extend(spectral_radius_at(
+                        model,
+                        &images,
+                        &z,
+                        iterations,
+                        batches as u64,
+                    )?);
+                    residuals.extend(rel);
+                    diagnosis_seconds += diagnosing.elapsed().as_secs_f64();
+                }
                 logits
             }
             EvalMode::Unrolled(layers) => unrolled_forward(model, &images, layers)?,
@@ -148,14 +289,38 @@ pub fn evaluate(
         batches += 1;
     }
     let sums = world.all_reduce_host(
-        &[top1, top5, n, steps, batches].map(|v| v as f64),
+        &[top1, top5, n, steps, batches, evaluations, converged].map(|v| v as f64),
         Reduce::Sum,
     )?;
-    let [top1, top5, n, steps, batches] = [0, 1, 2, 3, 4].map(|i| sums[i] as usize);
-    let worst = world.all_reduce_host(&[worst], Reduce::Max)?[0];
+    let [top1, top5, n, steps, batches, evaluations, converged] =
+        [0, 1, 2, 3, 4, 5, 6].map(|i| sums[i] as usize);
+    let residual_sum = world.all_reduce_host(&[residual_sum], Reduce::Sum)?[0];
+    let [worst, elapsed] = world.all_reduce_host(
+        &[worst, started.elapsed().as_secs_f64() - diagnosis_seconds],
+        Reduce::Max,
+    )?[..] else {
+        anyhow::bail!("all-reduce of two values returned another count")
+    };
     confusion.all_reduce(world)?;
     let frac = |k: usize| Some(k as f64 / n.max(1) as f64);
     let seg = task == Task::Segmentation;
+    let deq = matches!(mode, EvalMode::Deq(_));
+    let per_image = |total: f64| deq.then(|| total / n.max(1) as f64);
+    let diagnostics = match (power_iterations, mode) {
+        (Some(power_iterations), EvalMode::Deq(rt)) => Some(Diagnostics {
+            // The tolerance where it bounds this residual, else the 1e-2 of a converged solve.
+            residual: Distribution::of(
+                &residuals,
+                match rt.forward.stop_mode {
+                    StopMode::Rel => rt.forward.eps,
+                    StopMode::Abs => 1e-2,
+                },
+            ),
+            spectral_radius: Distribution::of(&radii, 1.0),
+            power_iterations,
+        }),
+        _ => None,
+    };
     Ok(EvalResult {
         top1: if seg { None } else { frac(top1) },
         top5: if seg { None } else { frac(top5) },
@@ -165,6 +330,11 @@ pub fn evaluate(
         n,
         mean_steps: steps as f64 / batches.max(1) as f64,
         worst_residual: worst,
+        mean_evaluations: per_image(evaluations as f64),
+        mean_residual: per_image(residual_sum),
+        converged: per_image(converged as f64),
+        seconds_per_image: elapsed / n.max(1) as f64,
+        diagnostics,
     })
 }
 

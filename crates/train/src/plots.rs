@@ -202,16 +202,25 @@ pub fn training_plots(dir: &Path) -> Result<()> {
     )
 }
 
-/// The accuracy-against-compute curve: `points` are (forward solver threshold, score).
-pub fn accuracy_vs_compute(path: &Path, metric: &str, points: &[(usize, f64)]) -> Result<()> {
+/// The accuracy-against-compute curve: each series' points are (forward solver threshold, score).
+pub fn accuracy_vs_compute(path: &Path, metric: &str, series: &[Series]) -> Result<()> {
     line_chart(
         path,
-        &format!("{metric} against forward solver steps"),
-        "forward threshold (f evaluations)",
+        &format!("{metric} against the forward solver's step limit"),
+        "forward threshold F_THRES (f evaluations)",
         metric,
-        &[Series {
-            name: metric.to_string(),
-            points: points.iter().map(|&(t, s)| (t as f64, s)).collect(),
-        }],
+        series,
+    )
+}
+
+/// The anytime-inference curve: each series' points are (mean f evaluations per image, score)
+/// of one solve at each tolerance, the samples leaving the solve as they converge.
+pub fn accuracy_vs_tolerance(path: &Path, metric: &str, series: &[Series]) -> Result<()> {
+    line_chart(
+        path,
+        &format!("{metric} against compute, per-sample early exit at each tolerance"),
+        "mean f evaluations per image",
+        metric,
+        series,
     )
 }

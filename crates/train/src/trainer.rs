@@ -295,7 +295,7 @@ fn train_on(
                 // While pretraining the weights are not yet an equilibrium model: validate
                 // unrolled, as the official code does.
                 let mode = Forward::trained(cfg, Some(step)).mode(cfg, &plan.runtime);
-                let result = evaluate(&model, &eval_loader, mode, opts.eval_limit, world)?;
+                let result = evaluate(&model, &eval_loader, mode, opts.eval_limit, None, world)?;
                 if let Some(log) = log.as_mut() {
                     log.eval(step, epoch, eval_name, &result)?;
                     eprintln!("{eval_name} after step {step}: {}", result.summary());

@@ -231,3 +231,24 @@ fn charts_of_any_finite_or_non_finite_values_are_drawn() -> mdeq_testkit::Result
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// The order statistics of 1, 2, …, 100 (shuffled, with a NaN and an infinity) by nearest
+/// rank: the q-quantile is the ⌈100q⌉-th smallest value.
+#[test]
+fn distribution_reads_the_nearest_rank_quantiles() {
+    use mdeq_train::evaluate::Distribution;
+    let mut values: Vec<f64> = (1..=100).map(|k| ((k * 37) % 100 + 1) as f64).collect();
+    values.push(f64::NAN);
+    values.insert(3, f64::INFINITY);
+    let d = Distribution::of(&values, 10.5);
+    assert_eq!((d.count, d.non_finite), (100, 2));
+    assert_eq!(
+        (d.min, d.median, d.p90, d.p99, d.max),
+        (1.0, 50.0, 90.0, 99.0, 100.0)
+    );
+    assert_eq!(d.mean, 50.5);
+    assert_eq!(d.below, 0.1);
+    let none = Distribution::of(&[f64::NAN], 1.0);
+    assert_eq!((none.count, none.non_finite), (0, 1));
+    assert!(none.median.is_nan() && none.mean.is_nan());
+}

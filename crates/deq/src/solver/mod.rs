@@ -149,6 +149,22 @@ impl SolverStats {
             .collect()
     }
 
+    /// The relative residual ‖f(z) − z‖ / ‖f(z)‖ recorded for the iterate returned for each
+    /// sample (at the step of its lowest stop-mode residual; fixed-point iteration returns the
+    /// image f(x) of the point measured, whose own residual is lower on a contraction); NaN for
+    /// a sample whose answer is the initial guess, no step having improved on it, so that a
+    /// mean over them shows it.
+    pub fn final_rel_residual(&self) -> Vec<f64> {
+        self.lowest_step
+            .iter()
+            .enumerate()
+            .map(|(b, &step)| match step {
+                0 => f64::NAN,
+                s => self.rel_trace[s - 1][b],
+            })
+            .collect()
+    }
+
     /// True when every sample converged.
     pub fn all_converged(&self) -> bool {
         self.status.iter().all(|s| *s == SampleStatus::Converged)
