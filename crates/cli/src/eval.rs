@@ -96,6 +96,8 @@ pub struct EvalPoint {
     pub f_thres: usize,
     /// Forward tolerance.
     pub tol: f64,
+    /// The forward evaluated with.
+    pub forward: Forward,
     /// Scores.
     pub result: EvalResult,
 }
@@ -138,6 +140,7 @@ fn evaluate_on(req: &Args, compute: &Compute) -> Result<(Vec<EvalPoint>, Vec<Str
         points.push(EvalPoint {
             f_thres: deq.f_thres,
             tol: deq.eps,
+            forward,
             result,
         });
     }
@@ -248,6 +251,7 @@ pub fn json_report(points: &[EvalPoint]) -> serde_json::Value {
         let mut v = serde_json::to_value(&p.result).expect("plain numbers");
         v["f_thres"] = p.f_thres.into();
         v["tol"] = p.tol.into();
+        v["forward"] = serde_json::to_value(p.forward).expect("a name");
         v
     };
     match points {

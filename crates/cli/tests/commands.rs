@@ -521,12 +521,14 @@ fn eval_uses_the_forward_the_checkpoint_was_trained_with() -> mdeq_testkit::Resu
         "eval = the run's own evaluation"
     );
     assert_eq!(unrolled["mean_steps"], 0.0);
+    assert_eq!(unrolled["forward"], "unrolled");
     let (deq, said) = eval(Some("deq"))?;
     assert!(
         said.contains("DEQ mode") && said.contains("--mode asks"),
         "{said}"
     );
     assert!(deq["mean_steps"].as_f64().unwrap() > 0.0);
+    assert_eq!(deq["forward"], "deq");
     // Tolerances and diagnostics describe a solve: refused for the unrolled forward, with the
     // way to ask for the solve.
     let o = Command::new(env!("CARGO_BIN_EXE_mdeq"))
