@@ -2,6 +2,7 @@
 //! resumable training loop with metrics, TensorBoard events and plots.
 
 pub mod data;
+pub mod distribution;
 pub mod evaluate;
 pub mod loss;
 pub mod metrics;

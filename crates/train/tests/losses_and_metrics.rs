@@ -236,7 +236,7 @@ fn charts_of_any_finite_or_non_finite_values_are_drawn() -> mdeq_testkit::Result
 /// rank: the q-quantile is the ⌈100q⌉-th smallest value.
 #[test]
 fn distribution_reads_the_nearest_rank_quantiles() {
-    use mdeq_train::evaluate::Distribution;
+    use mdeq_train::distribution::Distribution;
     let mut values: Vec<f64> = (1..=100).map(|k| ((k * 37) % 100 + 1) as f64).collect();
     values.push(f64::NAN);
     values.insert(3, f64::INFINITY);
