@@ -103,7 +103,7 @@ if [ -f "$DATA/train-images-idx3-ubyte.gz" ]; then
     # DEQ mode from the first step, at this threshold: the memory the solver's history needs.
     sed -e "s/^f_thres = .*/f_thres = $t/" -e "s/^b_thres = .*/b_thres = $t/" \
         -e "s/^pretrain_steps = .*/pretrain_steps = 0/" -e "s/^eps = .*/eps = 1e-9/" \
-        configs/fashion-mnist-tiny.toml > /tmp/mdeq-gpu/thres$t.toml
+        configs/fashion-mnist-tiny-plain.toml > /tmp/mdeq-gpu/thres$t.toml
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/memory-f$t.csv" &
     SMI=$!
     step "memory-f$t" 90 "$BIN" train --device $DEVICE --config /tmp/mdeq-gpu/thres$t.toml --data "$DATA" \

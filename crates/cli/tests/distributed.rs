@@ -66,14 +66,14 @@ fn recipe(dir: &Path, batch_norm: &str) -> mdeq_testkit::Result<PathBuf> {
     let text = text
         .replace("pretrain_steps = 940", "pretrain_steps = 17")
         .replace(
-            "augment = false",
+            "jac_loss_weight = 2.0\njac_loss_freq = 0.2",
             &format!(
-                "augment = false\njac_loss_weight = 1.0\njac_loss_freq = 1.0\nbatch_norm = \"{batch_norm}\""
+                "jac_loss_weight = 1.0\njac_loss_freq = 1.0\nbatch_norm = \"{batch_norm}\""
             ),
         );
     anyhow_ensure(
-        text.contains("pretrain_steps = 17"),
-        "the recipe's pretrain_steps moved",
+        text.contains("pretrain_steps = 17") && text.contains("jac_loss_freq = 1.0"),
+        "the recipe's pretrain_steps or Jacobian penalty moved",
     )?;
     let path = dir.join(format!("recipe-{batch_norm}.toml"));
     std::fs::write(&path, text)?;
