@@ -67,9 +67,7 @@ fn recipe(dir: &Path, batch_norm: &str) -> mdeq_testkit::Result<PathBuf> {
         .replace("pretrain_steps = 940", "pretrain_steps = 17")
         .replace(
             "jac_loss_weight = 2.0\njac_loss_freq = 0.2",
-            &format!(
-                "jac_loss_weight = 1.0\njac_loss_freq = 1.0\nbatch_norm = \"{batch_norm}\""
-            ),
+            &format!("jac_loss_weight = 1.0\njac_loss_freq = 1.0\nbatch_norm = \"{batch_norm}\""),
         );
     anyhow_ensure(
         text.contains("pretrain_steps = 17") && text.contains("jac_loss_freq = 1.0"),
