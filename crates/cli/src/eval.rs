@@ -269,12 +269,6 @@ pub fn plot(points: &[EvalPoint], dir: &Path) -> Vec<Result<PathBuf>> {
     } else {
         "top-1 accuracy"
     };
-    let distinct = |key: &dyn Fn(&EvalPoint) -> String| {
-        let mut keys: Vec<String> = points.iter().map(key).collect();
-        keys.sort();
-        keys.dedup();
-        keys
-    };
     // Series keyed by the other setting, in order of first appearance.
     let series = |name: &dyn Fn(&EvalPoint) -> String, x: &dyn Fn(&EvalPoint) -> f64| {
         let mut all: Vec<Series> = Vec::new();
@@ -293,17 +287,19 @@ pub fn plot(points: &[EvalPoint], dir: &Path) -> Vec<Result<PathBuf>> {
     };
     let tol_name = |p: &EvalPoint| format!("tol {:.0e}", p.tol);
     let thres_name = |p: &EvalPoint| format!("F_THRES {}", p.f_thres);
+    // A curve where some line has two points: one line per tolerance across the thresholds,
+    // one per threshold across the tolerances.
     let mut drawn = Vec::new();
-    if distinct(&thres_name).len() > 1 {
+    let by_tol = series(&tol_name, &|p| p.f_thres as f64);
+    if by_tol.iter().any(|s| s.points.len() > 1) {
         let path = dir.join("accuracy_vs_compute.png");
-        let s = series(&tol_name, &|p| p.f_thres as f64);
-        drawn.push(plots::accuracy_vs_compute(&path, metric, &s).map(|()| path));
+        drawn.push(plots::accuracy_vs_compute(&path, metric, &by_tol).map(|()| path));
     }
-    if distinct(&tol_name).len() > 1 {
+    let evals = |p: &EvalPoint| p.result.mean_evaluations.unwrap_or(f64::NAN);
+    let by_thres = series(&thres_name, &evals);
+    if by_thres.iter().any(|s| s.points.len() > 1) {
         let path = dir.join("accuracy_vs_tolerance.png");
-        let evals = |p: &EvalPoint| p.result.mean_evaluations.unwrap_or(f64::NAN);
-        let s = series(&thres_name, &evals);
-        drawn.push(plots::accuracy_vs_tolerance(&path, metric, &s).map(|()| path));
+        drawn.push(plots::accuracy_vs_tolerance(&path, metric, &by_thres).map(|()| path));
     }
     drawn
 }
