@@ -51,17 +51,40 @@ pub fn solve_equilibrium(
     Ok((sol.z, sol.stats))
 }
 
+/// What every evaluation-mode use of the cell on `image` starts from: the injection, the state
+/// layout, the detached eval-mode cell and no dropout masks.
+struct EvalCell {
+    injection: Vec<Tensor>,
+    layout: StateLayout,
+    cell: MultiscaleCell,
+    masks: Vec<Option<Tensor>>,
+}
+
+impl EvalCell {
+    fn new(model: &Mdeq, image: &Tensor) -> Result<Self> {
+        let (_, _, h, w) = image.dims4()?;
+        let layout = model.layout(h, w);
+        Ok(Self {
+            injection: model.injection(image, false)?,
+            masks: vec![None; layout.branches.len()],
+            cell: model.cell().prepared(true)?,
+            layout,
+        })
+    }
+}
+
 /// Evaluation forward: head(z*) with the head in eval mode.
 pub fn eval_forward(
     model: &Mdeq,
     image: &Tensor,
     rt: &DeqRuntime,
 ) -> Result<(Tensor, Vec<Tensor>, SolverStats)> {
-    let injection = model.injection(image, false)?;
-    let (_, _, h, w) = image.dims4()?;
-    let layout = model.layout(h, w);
-    let cell = model.cell().prepared(true)?;
-    let masks = vec![None; layout.branches.len()];
+    let EvalCell {
+        injection,
+        layout,
+        cell,
+        masks,
+    } = EvalCell::new(model, image)?;
     let (z, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, rt, None)?;
     let z = layout.unflatten(&z)?;
     Ok((model.head(&z, false)?, z, stats))
@@ -80,11 +103,13 @@ pub fn spectral_radius_at(
     seed: u64,
 ) -> Result<Vec<f64>> {
     use rand::SeedableRng;
-    let injection = model.injection(image, false)?;
-    let (b, _, h, w) = image.dims4()?;
-    let layout = model.layout(h, w);
-    let cell = model.cell().prepared(true)?;
-    let masks = vec![None; layout.branches.len()];
+    let EvalCell {
+        injection,
+        layout,
+        cell,
+        masks,
+    } = EvalCell::new(model, image)?;
+    let b = image.dim(0)?;
     let map = CellMap {
         cell: &cell,
         injection: &injection,
@@ -101,11 +126,12 @@ pub fn spectral_radius_at(
 /// Pretraining-phase evaluation: `layers` weight-tied applications of f from zero, head in eval
 /// mode (reference §4.2; the official code validates this way while pretraining).
 pub fn unrolled_forward(model: &Mdeq, image: &Tensor, layers: usize) -> Result<Tensor> {
-    let injection = model.injection(image, false)?;
-    let (_, _, h, w) = image.dims4()?;
-    let layout = model.layout(h, w);
-    let cell = model.cell().prepared(true)?;
-    let masks = vec![None; layout.branches.len()];
+    let EvalCell {
+        injection,
+        layout,
+        cell,
+        masks,
+    } = EvalCell::new(model, image)?;
     let z = unroll(&cell, &injection, &masks, &layout, image.dim(0)?, layers)?;
     model.head(&z, false)
 }
