@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Training-time augmentation.
     pub augment: bool,
+    /// Label smoothing ε of the training loss, in [0, 1): the target puts 1 − ε on the label
+    /// and ε spread evenly over the classes (evaluation always scores the plain prediction).
+    pub label_smoothing: f64,
     /// Jacobian regularisation weight.
     pub jac_loss_weight: f64,
     /// Probability of computing the Jacobian loss on an iteration.
@@ -80,7 +83,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     /// Adam at 1e-3 with cosine decay, 140 epochs of 32 (the official defaults), no weight
-    /// decay, momentum or augmentation, no Jacobian loss, one micro-batch, and BatchNorm over
+    /// decay, momentum, augmentation or label smoothing, no Jacobian loss, one micro-batch, and BatchNorm over
     /// the global batch.
     fn default() -> Self {
         Self {
@@ -93,6 +96,7 @@ impl Default for TrainConfig {
             epochs: 140,
             batch_size: 32,
             augment: false,
+            label_smoothing: 0.0,
             jac_loss_weight: 0.0,
             jac_loss_freq: 0.0,
             pretrain_jac_loss_weight: 0.0,
@@ -129,6 +133,12 @@ impl TrainConfig {
             return Err(format!(
                 "train.jac_fd_step = {} must be finite and positive",
                 self.jac_fd_step
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(format!(
+                "train.label_smoothing = {} must be in [0, 1)",
+                self.label_smoothing
             ));
         }
         if !(0.0..=1.0).contains(&self.jac_loss_freq) {

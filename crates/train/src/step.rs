@@ -115,12 +115,15 @@ pub fn train_step(
         all_reduce: AllReduceStats::default(),
     };
     let mut logits = Vec::with_capacity(parts);
+    let smoothing = cfg.train.label_smoothing;
     for part in 0..parts {
         let (rows, global_rows) = (part * each, first_row + part * each);
         let labels = batch.labels.narrow(0, rows, each)?;
         let loss_fn = |logits: &Tensor| match cfg.model.task {
-            Task::Classification => classification_loss(logits, &labels),
-            Task::Segmentation => segmentation_loss(logits, &labels, plan.class_weights.as_ref()),
+            Task::Classification => classification_loss(logits, &labels, smoothing),
+            Task::Segmentation => {
+                segmentation_loss(logits, &labels, plan.class_weights.as_ref(), smoothing)
+            }
         };
         let part_masks = masks
             .iter()

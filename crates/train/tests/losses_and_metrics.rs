@@ -1,10 +1,54 @@
-//! The segmentation loss against a float64 hand computation, the confusion matrix and IoU on a
+//! The segmentation and classification losses (plain and label-smoothed) against float64 hand
+//! computations, the confusion matrix and IoU on a
 //! hand-counted example, and the TensorBoard event file decoded field by field.
 
 use candle_core::{Device, Tensor};
-use mdeq_train::loss::segmentation_loss;
+use mdeq_train::loss::{classification_loss, segmentation_loss};
 use mdeq_train::metrics::ConfusionMatrix;
 use mdeq_train::tensorboard::EventWriter;
+
+/// −log p_k of every class k from one sample's logits, in float64.
+fn nll_by_class(z: &[f64]) -> Vec<f64> {
+    let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+    z.iter().map(|v| lse - v).collect()
+}
+
+/// The smoothed target (1 − ε on y, ε/K on every class) dotted with −log p.
+fn smoothed(nll: &[f64], y: usize, smoothing: f64) -> f64 {
+    let k = nll.len() as f64;
+    nll.iter()
+        .enumerate()
+        .map(|(c, l)| ((if c == y { 1.0 - smoothing } else { 0.0 }) + smoothing / k) * l)
+        .sum()
+}
+
+#[test]
+fn classification_loss_with_label_smoothing_by_hand() -> mdeq_testkit::Result {
+    let logits: Vec<f32> = (0..12).map(|i| ((i * 5) % 7) as f32 * 0.4 - 1.2).collect();
+    let labels = [2i64, 0, 3];
+    let dev = Device::Cpu;
+    let t_logits = Tensor::from_vec(logits.clone(), (3, 4), &dev)?;
+    let t_labels = Tensor::new(&labels, &dev)?;
+    for smoothing in [0.0, 0.1, 0.5] {
+        let want = (0..3)
+            .map(|b| {
+                let z: Vec<f64> = logits[b * 4..b * 4 + 4].iter().map(|&v| v as f64).collect();
+                smoothed(&nll_by_class(&z), labels[b] as usize, smoothing)
+            })
+            .sum::<f64>()
+            / 3.0;
+        let got = classification_loss(&t_logits, &t_labels, smoothing)?.to_scalar::<f32>()? as f64;
+        assert!(
+            (got - want).abs() < 1e-6,
+            "ε = {smoothing}: {got} vs {want}"
+        );
+    }
+    // Uniform logits: every class has −log p = log K, whatever the target.
+    let uniform = Tensor::zeros((3, 4), candle_core::DType::F32, &dev)?;
+    let got = classification_loss(&uniform, &t_labels, 0.3)?.to_scalar::<f32>()? as f64;
+    assert!((got - 4f64.ln()).abs() < 1e-6, "{got}");
+    Ok(())
+}
 
 #[test]
 fn segmentation_loss_is_the_weighted_mean_over_labelled_pixels() -> mdeq_testkit::Result {
@@ -16,24 +60,30 @@ fn segmentation_loss_is_the_weighted_mean_over_labelled_pixels() -> mdeq_testkit
     let t_logits = Tensor::from_vec(logits.clone(), (2, 3, 2, 2), &dev)?;
     let t_labels = Tensor::from_vec(labels.clone(), (2, 2, 2), &dev)?;
     let t_weights = Tensor::new(&[0.5f32, 2.0, 1.5], &dev)?;
-    let (mut num, mut den) = (0f64, 0f64);
-    for b in 0..2 {
-        for p in 0..4 {
-            let y = labels[b * 4 + p];
-            if y == 255 {
-                continue;
+    for smoothing in [0.0, 0.2] {
+        let (mut num, mut den) = (0f64, 0f64);
+        for b in 0..2 {
+            for p in 0..4 {
+                let y = labels[b * 4 + p];
+                if y == 255 {
+                    continue;
+                }
+                let z: Vec<f64> = (0..3).map(|k| logits[b * 12 + k * 4 + p] as f64).collect();
+                let w = weights[y as usize];
+                num += w * smoothed(&nll_by_class(&z), y as usize, smoothing);
+                den += w;
             }
-            let z: Vec<f64> = (0..3).map(|k| logits[b * 12 + k * 4 + p] as f64).collect();
-            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
-            let w = weights[y as usize];
-            num += w * (lse - z[y as usize]);
-            den += w;
         }
+        let got = segmentation_loss(&t_logits, &t_labels, Some(&t_weights), smoothing)?
+            .to_scalar::<f32>()? as f64;
+        assert!(
+            (got - num / den).abs() < 1e-6,
+            "ε = {smoothing}: {got} vs {}",
+            num / den
+        );
     }
-    let got = segmentation_loss(&t_logits, &t_labels, Some(&t_weights))?.to_scalar::<f32>()? as f64;
-    assert!((got - num / den).abs() < 1e-6, "{got} vs {}", num / den);
     let all_ignored = Tensor::full(255i64, (2, 2, 2), &dev)?;
-    let zero = segmentation_loss(&t_logits, &all_ignored, None)?;
+    let zero = segmentation_loss(&t_logits, &all_ignored, None, 0.1)?;
     assert_eq!(zero.to_scalar::<f32>()?, 0.0);
     Ok(())
 }

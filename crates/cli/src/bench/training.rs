@@ -125,9 +125,10 @@ pub fn figures(
     let state_bytes = b * model.layout(hw.0, hw.1).size() * compute.dtype.size_in_bytes();
     let task = cfg.model.task;
     let target = labels(task, b, cfg.model.num_classes, hw, device)?;
+    let smoothing = cfg.train.label_smoothing;
     let loss_fn = |logits: &Tensor| match task {
-        Task::Classification => classification_loss(logits, &target),
-        Task::Segmentation => segmentation_loss(logits, &target, None),
+        Task::Classification => classification_loss(logits, &target, smoothing),
+        Task::Segmentation => segmentation_loss(logits, &target, None, smoothing),
     };
     let base = cfg.deq.runtime();
     let whole_batch = DeqRuntime {
