@@ -214,6 +214,45 @@ fn anderson_survives_a_rank_deficient_history() -> mdeq_testkit::Result {
     Ok(())
 }
 
+fn stagnation_rule_stops_a_sample_stuck_just_above_eps() -> mdeq_testkit::Result {
+    // f(z) = z + δ_k per sample, so fixed-point iteration's absolute residual is |δ_k| exactly.
+    // Sample 0 sits at 2·eps for ever: inside [eps, 3·eps) and flat, so the official rule
+    // (step > 30, the last 30 residuals within 1.3× of each other) stops it at step 31.
+    // Sample 1 alternates 2·eps and 2.8·eps (ratio 1.4): never stagnant, so it runs to the
+    // threshold. Sample 2 is flat at 4·eps, outside the band: also to the threshold.
+    let eps = 1e-3;
+    let scale = (D as f64).sqrt();
+    let mut calls = 0usize;
+    // Sample 0's iterate at every call: it moves by δ per step until it is frozen.
+    let mut seen_row0: Vec<f64> = Vec::new();
+    let mut f = |z: &Tensor| {
+        calls += 1;
+        seen_row0.push(z.get(0)?.get(0)?.to_scalar::<f64>()?);
+        let wobble = if calls % 2 == 0 { 2.8 } else { 2.0 };
+        let delta: Vec<f64> = [2.0, wobble, 4.0]
+            .iter()
+            .flat_map(|l| std::iter::repeat_n(l * eps / scale, D))
+            .collect();
+        z + Tensor::from_vec(delta, (3, D), z.device())?
+    };
+    let z0 = Tensor::zeros((3, D), DType::F64, &Device::Cpu)?;
+    let sol = SolverKind::from_name("fixed_point")
+        .unwrap()
+        .solve(&mut f, &z0, &opts(45, eps))?;
+    let s = &sol.stats;
+    assert_eq!(s.status[0], SampleStatus::Converged);
+    assert_eq!(s.status[1], SampleStatus::MaxSteps);
+    assert_eq!(s.status[2], SampleStatus::MaxSteps);
+    assert_eq!(s.steps, 45);
+    // Evaluations 1…31 see sample 0 at 0, δ, …, 30δ; after step 31 it is frozen at 30δ.
+    let step = 2.0 * eps / scale;
+    for (call, &v) in seen_row0.iter().enumerate() {
+        let want = step * call.min(30) as f64;
+        assert!((v - want).abs() < 1e-12, "call {}: {v} vs {want}", call + 1);
+    }
+    Ok(())
+}
+
 fn nan_is_reported_per_sample_and_never_returned() -> mdeq_testkit::Result {
     // Sample 1 produces NaN after the first step; sample 0 is a healthy contraction.
     let mut calls = 0;
@@ -664,6 +703,7 @@ mdeq_testkit::on_every_kernel!(
     per_sample_answers_do_not_depend_on_the_batch,
     official_coupling_uses_whole_batch_norms,
     anderson_survives_a_rank_deficient_history,
+    stagnation_rule_stops_a_sample_stuck_just_above_eps,
     nan_is_reported_per_sample_and_never_returned,
     fallback_chain_rescues_an_unconverged_solve,
     final_residual_is_that_of_the_returned_iterate,

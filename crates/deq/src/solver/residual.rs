@@ -140,8 +140,8 @@ impl ResidualTracker {
                 StopMode::Abs => 1e6,
                 StopMode::Rel => 1e3,
             };
-            let history: Vec<f64> = self.stop_trace_of(b);
-            if o < self.opts.eps || (o < 3.0 * self.opts.eps && step > 30 && stagnated(&history, o))
+            if o < self.opts.eps
+                || (o < 3.0 * self.opts.eps && step > 30 && stagnated(&self.recent_of(b), o))
             {
                 self.stats.status[b] = SampleStatus::Converged;
                 self.active[b] = false;
@@ -168,12 +168,15 @@ impl ResidualTracker {
         Ok(())
     }
 
-    fn stop_trace_of(&self, b: usize) -> Vec<f64> {
+    /// Sample `b`'s last [`STAGNATION_WINDOW`] − 1 stop objectives before this step, oldest
+    /// first: all the stagnation rule reads, so a step costs O(window), not O(steps).
+    fn recent_of(&self, b: usize) -> Vec<f64> {
         let trace = match self.opts.stop_mode {
             StopMode::Abs => &self.stats.abs_trace,
             StopMode::Rel => &self.stats.rel_trace,
         };
-        trace.iter().map(|s| s[b]).collect()
+        let from = trace.len().saturating_sub(STAGNATION_WINDOW - 1);
+        trace[from..].iter().map(|s| s[b]).collect()
     }
 
     /// Ends tracking and returns the best iterate with the statistics.
@@ -186,13 +189,21 @@ impl ResidualTracker {
     }
 }
 
-/// The official stagnation rule: the last 30 residuals (including the newest) vary by < 1.3×.
+/// Residuals the official stagnation rule looks at, the newest included.
+const STAGNATION_WINDOW: usize = 30;
+
+/// The official stagnation rule: the last [`STAGNATION_WINDOW`] residuals (including the
+/// newest) vary by < 1.3×.
 fn stagnated(previous: &[f64], newest: f64) -> bool {
-    let mut window: Vec<f64> = previous.iter().rev().take(29).cloned().collect();
-    window.push(newest);
-    let max = window.iter().cloned().fold(f64::MIN, f64::max);
-    let min = window.iter().cloned().fold(f64::MAX, f64::min);
-    window.len() >= 30 && min > 0.0 && max / min < 1.3
+    let window = previous
+        .iter()
+        .rev()
+        .take(STAGNATION_WINDOW - 1)
+        .chain([&newest]);
+    let (count, min, max) = window.fold((0, f64::MAX, f64::MIN), |(n, lo, hi), &v| {
+        (n + 1, lo.min(v), hi.max(v))
+    });
+    count >= STAGNATION_WINDOW && min > 0.0 && max / min < 1.3
 }
 
 /// Per sample, keeps the answer with the lower lowest-residual.
