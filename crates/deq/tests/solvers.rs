@@ -228,7 +228,7 @@ fn stagnation_rule_stops_a_sample_stuck_just_above_eps() -> mdeq_testkit::Result
     let mut f = |z: &Tensor| {
         calls += 1;
         seen_row0.push(z.get(0)?.get(0)?.to_scalar::<f64>()?);
-        let wobble = if calls % 2 == 0 { 2.8 } else { 2.0 };
+        let wobble = if calls.is_multiple_of(2) { 2.8 } else { 2.0 };
         let delta: Vec<f64> = [2.0, wobble, 4.0]
             .iter()
             .flat_map(|l| std::iter::repeat_n(l * eps / scale, D))
