@@ -6,12 +6,11 @@
 //! the implicit backward. The statistics are accumulated in float64 so that float32 results
 //! track float64 ones closely (candle reduces float32 sequentially).
 
-use crate::element::fast_path;
-use crate::element::Element;
-use crate::norm_common::{grad_sums, Backward, Forward, FusedNorm};
+use crate::element::{fast_path, with_cpu_slices, Element};
+use crate::norm_common::{grad_sums, Forward, FusedNorm};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
 use crate::reduce::sum_by;
-use candle_core::{Layout, Result, Tensor, D};
+use candle_core::{DType, Device, Layout, Result, Tensor, D};
 use multiversion::multiversion;
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance; `affine` is (γ, β) of shape (C).
@@ -70,6 +69,33 @@ pub fn group_norm_input_grad(
     eps: f64,
     dy: &Tensor,
 ) -> Result<Tensor> {
+    group_norm_input_grad_with_relus(x, groups, gamma, eps, dy, AdjacentRelus::default())
+}
+
+/// ReLUs beside a GroupNorm whose input gradient is taken, folded into that one pass: in the
+/// VJPs of the cell every GroupNorm but one has a ReLU on one side, and as separate passes their
+/// masks cost two more trips through memory per GroupNorm, and a tensor each.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdjacentRelus<'a> {
+    /// The GroupNorm's input x is a ReLU's output: the gradient returned is the one with
+    /// respect to that ReLU's input, zero where x is not positive.
+    pub before: bool,
+    /// The output of a ReLU applied to the GroupNorm's output (as [`group_norm_relu`]'s):
+    /// dL/dy arrives at it and passes only where it is positive.
+    pub after: Option<&'a Tensor>,
+}
+
+/// [`group_norm_input_grad`] with the masks of the ReLUs beside it applied in the same pass:
+/// relu′(x) ⊙ GN′(x)ᵀ (dy ⊙ [after > 0]), each mask only where `relus` asks for it. Equal, value
+/// for value, to the separate passes.
+pub fn group_norm_input_grad_with_relus(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    eps: f64,
+    dy: &Tensor,
+    relus: AdjacentRelus,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
@@ -81,23 +107,53 @@ pub fn group_norm_input_grad(
             dy.dims()
         );
     }
-    if !(fast_path(x) && x.dtype() == dy.dtype()) {
-        let xv = candle_core::Var::from_tensor(&x.detach())?;
-        let beta = gamma.map(|g| g.zeros_like()).transpose()?;
-        let affine = gamma.zip(beta.as_ref());
-        let y = composed(xv.as_tensor(), groups, affine, eps)?;
-        let grads = (y * dy)?.sum_all()?.backward()?;
-        return match grads.get(xv.as_tensor()) {
-            Some(dx) => Ok(dx.clone()),
-            None => x.zeros_like(),
-        };
+    if let Some(after) = relus.after {
+        if after.dims() != dy.dims() {
+            candle_core::bail!(
+                "group_norm_input_grad: the following ReLU's output {:?} and dy {:?} differ",
+                after.dims(),
+                dy.dims()
+            );
+        }
     }
-    Backward(GroupNormOp {
-        groups,
-        eps,
-        relu: false,
-    })
-    .input_grad(x, gamma, dy)
+    let same_kind = |t: &Tensor| fast_path(t) && t.dtype() == x.dtype();
+    if fast_path(x) && same_kind(dy) && relus.after.is_none_or(same_kind) {
+        let op = GroupNormOp {
+            groups,
+            eps,
+            relu: false,
+        };
+        return op.input_grad_with_relus(x, gamma, dy, relus);
+    }
+    let dy = match relus.after {
+        Some(after) => crate::relu::relu_grad(after, dy)?,
+        None => dy.clone(),
+    };
+    let dx = composed_input_grad(x, groups, gamma, eps, &dy)?;
+    if relus.before {
+        crate::relu::relu_grad(x, &dx)
+    } else {
+        Ok(dx)
+    }
+}
+
+/// dL/dx of [`composed`] through candle's autograd (other devices and dtypes).
+fn composed_input_grad(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let xv = candle_core::Var::from_tensor(&x.detach())?;
+    let beta = gamma.map(|g| g.zeros_like()).transpose()?;
+    let affine = gamma.zip(beta.as_ref());
+    let y = composed(xv.as_tensor(), groups, affine, eps)?;
+    let grads = (y * dy)?.sum_all()?.backward()?;
+    match grads.get(xv.as_tensor()) {
+        Some(dx) => Ok(dx.clone()),
+        None => x.zeros_like(),
+    }
 }
 
 /// The same computation from candle ops (other devices and dtypes).
@@ -144,6 +200,102 @@ impl GroupNormOp {
     fn dims(&self, l: &Layout) -> (usize, usize, usize, usize) {
         let d = l.dims();
         (d[0], d[1], d[2] * d[3], d[1] / self.groups)
+    }
+
+    /// The native [`group_norm_input_grad_with_relus`]: CPU tensors of one float dtype.
+    fn input_grad_with_relus(
+        &self,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        dy: &Tensor,
+        relus: AdjacentRelus,
+    ) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let mut operands = vec![x.clone(), dy.contiguous()?];
+        if let Some(g) = gamma {
+            operands.push(g.to_dtype(x.dtype())?.contiguous()?);
+        }
+        if let Some(a) = relus.after {
+            operands.push(a.contiguous()?);
+        }
+        let refs: Vec<&Tensor> = operands.iter().collect();
+        let (dims, has_gamma) = (self.dims(x.layout()), gamma.is_some());
+        fn typed<T: Element + candle_core::WithDType>(
+            op: &GroupNormOp,
+            refs: &[&Tensor],
+            (dims, has_gamma, relus): ((usize, usize, usize, usize), bool, AdjacentRelus),
+        ) -> Result<Tensor> {
+            let dx = with_cpu_slices::<T, _>(refs, |s| {
+                let gamma = has_gamma.then(|| s[2]);
+                let after = relus.after.map(|_| s[s.len() - 1]);
+                op.gated_input_grad(s[0], s[1], gamma, after, relus.before, dims)
+            })?;
+            Tensor::from_vec(dx, refs[0].shape(), &Device::Cpu)
+        }
+        match x.dtype() {
+            DType::F32 => typed::<f32>(self, &refs, (dims, has_gamma, relus)),
+            _ => typed::<f64>(self, &refs, (dims, has_gamma, relus)),
+        }
+    }
+
+    /// dx group by group: dy gated by `after` into a group-sized scratch (still in L1 when the
+    /// backward reads it), the group's backward, then dx gated by x when `before`.
+    fn gated_input_grad<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        gamma: Option<&[T]>,
+        after: Option<&[T]>,
+        before: bool,
+        (b, c, hw, cpg): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let group_len = cpg * hw;
+        // Every group writes all of its elements.
+        let mut dx = uninit_vec::<T>(b * c * hw);
+        let out = Shared(dx.as_mut_ptr());
+        for_each_chunk(b * self.groups, |range| {
+            // The channel sums of dγ and dβ, unused here; the gated dy of one group.
+            let mut parts = vec![0f64; 2 * cpg];
+            let mut gated = after.map(|_| uninit_vec::<T>(group_len));
+            for bg in range {
+                let first_ch = (bg % self.groups) * cpg;
+                let span = bg * group_len..(bg + 1) * group_len;
+                // SAFETY: group bg owns dx[span].
+                let dxs = unsafe { out.slice(span.start, group_len) };
+                let xs = &x[span.clone()];
+                let dys = match (after, gated.as_mut()) {
+                    (Some(a), Some(buf)) => {
+                        relu_gate(&a[span.clone()], &dy[span], buf);
+                        &buf[..]
+                    }
+                    _ => &dy[span],
+                };
+                backward_group(xs, dys, dxs, &mut parts, gamma, first_ch, hw, self.eps);
+                if before {
+                    relu_gate_in_place(xs, dxs);
+                }
+            }
+        });
+        dx
+    }
+}
+
+/// out = dy where `gate` > 0, else 0: the ReLU backward of [`crate::relu::relu_grad`], value for
+/// value.
+#[multiversion(targets = "simd")]
+fn relu_gate<T: Element>(gate: &[T], dy: &[T], out: &mut [T]) {
+    for ((o, g), d) in out.iter_mut().zip(gate).zip(dy) {
+        *o = if g.to_f64() > 0.0 { *d } else { T::ZERO };
+    }
+}
+
+/// [`relu_gate`] of `d` by `gate`, in place.
+#[multiversion(targets = "simd")]
+fn relu_gate_in_place<T: Element>(gate: &[T], d: &mut [T]) {
+    for (o, g) in d.iter_mut().zip(gate) {
+        if g.to_f64() <= 0.0 || g.to_f64().is_nan() {
+            *o = T::ZERO;
+        }
     }
 }
 

@@ -32,7 +32,10 @@ pub use broyden::{BroydenHistory, BroydenStep};
 pub use choice::{active_kernels, with_kernels, KernelChoice, KERNELS_ENV};
 pub use conv2d::{conv2d, conv2d_input_grad};
 pub use element::fast_path;
-pub use group_norm::{group_norm, group_norm_input_grad, group_norm_relu};
+pub use group_norm::{
+    group_norm, group_norm_input_grad, group_norm_input_grad_with_relus, group_norm_relu,
+    AdjacentRelus,
+};
 pub use low_rank::{low_rank_apply, low_rank_apply_many};
 pub use mixing::{mix_rows, row_dots};
 pub use relu::{relu, relu_grad};

@@ -156,21 +156,6 @@ impl<N: FusedNorm> Backward<N> {
         });
         Ok((out, Shape::from(n + 2 * c)))
     }
-
-    /// dx from x and dy, with γ held fixed (the VJP with respect to the input only).
-    pub(crate) fn input_grad(
-        &self,
-        x: &Tensor,
-        gamma: Option<&Tensor>,
-        dy: &Tensor,
-    ) -> Result<Tensor> {
-        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-        let grads = match gamma {
-            None => x.apply_op2_no_bwd(&dy, self)?,
-            Some(g) => x.apply_op3_no_bwd(&g.to_dtype(x.dtype())?.contiguous()?, &dy, self)?,
-        };
-        unpack_dx(&grads, &x)
-    }
 }
 
 impl<N: FusedNorm> CustomOp2 for Backward<N> {

@@ -2,7 +2,10 @@
 //! float64 finite differences.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mdeq_kernels::group_norm::{composed, group_norm, group_norm_relu};
+use mdeq_kernels::group_norm::{
+    composed, group_norm, group_norm_input_grad, group_norm_input_grad_with_relus, group_norm_relu,
+    AdjacentRelus,
+};
 use mdeq_testkit::{hashed, max_rel, wave};
 
 #[test]
@@ -114,6 +117,83 @@ fn input_gradient_matches_finite_differences() -> mdeq_testkit::Result {
     Ok(())
 }
 
+fn relus_folded_into_the_input_grad_match_finite_differences() -> mdeq_testkit::Result {
+    // L(s) = Σ up ⊙ ReLU(GN(ReLU(s))): dL/ds = [s > 0] ⊙ GN′ᵀ(up ⊙ [r > 0]) with r the outer
+    // ReLU's output, which is exactly the fused call with both ReLUs. Central differences in
+    // float64 are the reference.
+    let (b, c, h, w, g) = (2, 6, 3, 4, 3);
+    let s0 = hashed(&[b, c, h, w], 11)?.affine(1.6, -0.1)?;
+    let gamma = (hashed(&[c], 12)?.affine(1.6, 0.2)? + 1.0)?;
+    let beta = hashed(&[c], 13)?.affine(1.6, 0.2)?;
+    let up = hashed(&[b, c, h, w], 14)?.affine(1.6, 0.2)?;
+    let outer = |s: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+        let x = mdeq_kernels::relu(s)?;
+        let r = group_norm_relu(&x, g, Some((&gamma, &beta)), 1e-5)?;
+        Ok((x, r))
+    };
+    let (x0, r0) = outer(&s0)?;
+    let relus = AdjacentRelus {
+        before: true,
+        after: Some(&r0),
+    };
+    let grad = group_norm_input_grad_with_relus(&x0, g, Some(&gamma), 1e-5, &up, relus)?;
+    // The same three steps as separate passes give the same values exactly.
+    let separate = mdeq_kernels::relu_grad(
+        &x0,
+        &group_norm_input_grad(
+            &x0,
+            g,
+            Some(&gamma),
+            1e-5,
+            &mdeq_kernels::relu_grad(&r0, &up)?,
+        )?,
+    )?;
+    assert_eq!(
+        grad.flatten_all()?.to_vec1::<f64>()?,
+        separate.flatten_all()?.to_vec1::<f64>()?
+    );
+    let grad = grad.flatten_all()?.to_vec1::<f64>()?;
+    let flat = s0.flatten_all()?.to_vec1::<f64>()?;
+    let pre = {
+        let (x, _) = outer(&s0)?;
+        let y = group_norm(&x, g, Some((&gamma, &beta)), 1e-5)?;
+        y.flatten_all()?.to_vec1::<f64>()?
+    };
+    let loss = |s: &[f64]| -> candle_core::Result<f64> {
+        let (_, r) = outer(&Tensor::from_vec(s.to_vec(), (b, c, h, w), &Device::Cpu)?)?;
+        (r * &up)?.sum_all()?.to_scalar::<f64>()
+    };
+    // A ±1e-6 nudge moves no GroupNorm output across the outer kink…
+    assert!(
+        pre.iter().all(|p| p.abs() > 1e-4),
+        "an output sits on the kink"
+    );
+    let mut checked = 0;
+    for i in 0..flat.len() {
+        // …and inputs at the inner kink are skipped.
+        if flat[i].abs() < 1e-3 {
+            continue;
+        }
+        let at = |d: f64| {
+            let mut v = flat.clone();
+            v[i] += d;
+            loss(&v)
+        };
+        let fd = (at(1e-6)? - at(-1e-6)?) / 2e-6;
+        assert!(
+            (fd - grad[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "[{i}] {} vs {fd}",
+            grad[i]
+        );
+        checked += 1;
+    }
+    assert!(
+        checked > flat.len() / 2,
+        "only {checked} elements away from the kinks"
+    );
+    Ok(())
+}
+
 fn relu_and_fused_group_norm_relu_pass_nan_through() -> mdeq_testkit::Result {
     let x = Tensor::new(&[[[[1.0f32, f32::NAN], [-2.0, 0.5]]]], &Device::Cpu)?;
     let y: Vec<f32> = mdeq_kernels::relu(&x)?.flatten_all()?.to_vec1()?;
@@ -130,5 +210,6 @@ fn relu_and_fused_group_norm_relu_pass_nan_through() -> mdeq_testkit::Result {
 
 mdeq_testkit::on_every_kernel!(
     input_gradient_matches_finite_differences,
+    relus_folded_into_the_input_grad_match_finite_differences,
     relu_and_fused_group_norm_relu_pass_nan_through,
 );

@@ -3,7 +3,6 @@
 use crate::nn::{nearest_upsample, nearest_upsample_grad, Conv2d, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
-use mdeq_kernels::relu_grad;
 
 /// One stage of a fuse layer as its VJP reads it.
 #[derive(Debug, Clone)]
@@ -119,10 +118,11 @@ impl FuseLayer {
             Self::Downsample { stages } => {
                 let mut d = d_out.clone();
                 for ((conv, norm), st) in stages.iter().zip(&tape.0).rev() {
-                    if let Some(r) = &st.relu_out {
-                        d = relu_grad(r, &d)?;
-                    }
-                    d = conv.input_grad(&norm.input_grad(&st.conv_out, &d)?, &st.input_dims)?;
+                    let dc = match &st.relu_out {
+                        Some(r) => norm.input_grad_relu(&st.conv_out, r, &d)?,
+                        None => norm.input_grad(&st.conv_out, &d)?,
+                    };
+                    d = conv.input_grad(&dc, &st.input_dims)?;
                 }
                 Ok(d)
             }

@@ -4,7 +4,6 @@ use crate::nn::Relu0;
 use crate::nn::{CellConv, GroupNorm};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
-use mdeq_kernels::relu_grad;
 
 /// conv → GN → ReLU → conv → dropout mask → + injection → GN → + z → ReLU → GN.
 #[derive(Debug, Clone)]
@@ -106,13 +105,13 @@ impl ResidualBlock {
     /// dL/dz given dL/d(out) at the taped point, with weights and injection held fixed.
     pub fn vjp(&self, tape: &BlockTape, d_out: &Tensor) -> Result<Tensor> {
         // A ReLU's output is positive exactly where its input is, so r3 and r1 carry the masks.
-        let ds = relu_grad(&tape.r3, &self.gn3.input_grad(&tape.r3, d_out)?)?;
+        let ds = self.gn3.input_grad_after_relu(&tape.r3, d_out)?;
         let mut da2 = self.gn2.input_grad(&tape.a2, &ds)?;
         if let Some(m) = &tape.mask {
             da2 = da2.broadcast_mul(m)?;
         }
         let dr1 = self.conv2.input_grad(&da2, tape.r1.dims())?;
-        let da1 = self.gn1.input_grad(&tape.a1, &relu_grad(&tape.r1, &dr1)?)?;
+        let da1 = self.gn1.input_grad_relu(&tape.a1, &tape.r1, &dr1)?;
         ds + self.conv1.input_grad(&da1, &tape.z_dims)?
     }
 

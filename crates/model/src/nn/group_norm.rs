@@ -4,6 +4,7 @@
 use super::{affine_parameters, maybe_detach};
 use crate::params::ParamBuilder;
 use candle_core::{Result, Tensor};
+use mdeq_kernels::AdjacentRelus;
 
 /// GroupNorm over (C/G, H, W) per sample, biased variance, eps 1e-5.
 #[derive(Debug, Clone)]
@@ -66,6 +67,45 @@ impl GroupNorm {
             self.affine.as_ref().map(|(g, _)| g),
             self.eps,
             dy,
+        )
+    }
+
+    /// dL/ds at s = the ReLU's input, for this layer applied to r = ReLU(s): [`Self::input_grad`]
+    /// at `r` and the ReLU's mask in one pass.
+    pub fn input_grad_after_relu(&self, r: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        self.input_grad_with_relus(
+            r,
+            dy,
+            AdjacentRelus {
+                before: true,
+                after: None,
+            },
+        )
+    }
+
+    /// dL/dx for [`Self::forward_relu`] at input `x`, given dL/dr at its output `r`: the ReLU's
+    /// mask and [`Self::input_grad`] in one pass.
+    pub fn input_grad_relu(&self, x: &Tensor, r: &Tensor, dr: &Tensor) -> Result<Tensor> {
+        let relus = AdjacentRelus {
+            before: false,
+            after: Some(r),
+        };
+        self.input_grad_with_relus(x, dr, relus)
+    }
+
+    fn input_grad_with_relus(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        relus: AdjacentRelus,
+    ) -> Result<Tensor> {
+        mdeq_kernels::group_norm_input_grad_with_relus(
+            x,
+            self.groups,
+            self.affine.as_ref().map(|(g, _)| g),
+            self.eps,
+            dy,
+            relus,
         )
     }
 
