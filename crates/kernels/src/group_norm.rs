@@ -116,43 +116,24 @@ pub fn group_norm_input_grad_with_relus(
             );
         }
     }
+    let op = GroupNormOp {
+        groups,
+        eps,
+        relu: false,
+    };
     let same_kind = |t: &Tensor| fast_path(t) && t.dtype() == x.dtype();
     if fast_path(x) && same_kind(dy) && relus.after.is_none_or(same_kind) {
-        let op = GroupNormOp {
-            groups,
-            eps,
-            relu: false,
-        };
         return op.input_grad_with_relus(x, gamma, dy, relus);
     }
     let dy = match relus.after {
         Some(after) => crate::relu::relu_grad(after, dy)?,
         None => dy.clone(),
     };
-    let dx = composed_input_grad(x, groups, gamma, eps, &dy)?;
+    let dx = op.composed_input_grad(x, gamma, &dy)?;
     if relus.before {
         crate::relu::relu_grad(x, &dx)
     } else {
         Ok(dx)
-    }
-}
-
-/// dL/dx of [`composed`] through candle's autograd (other devices and dtypes).
-fn composed_input_grad(
-    x: &Tensor,
-    groups: usize,
-    gamma: Option<&Tensor>,
-    eps: f64,
-    dy: &Tensor,
-) -> Result<Tensor> {
-    let xv = candle_core::Var::from_tensor(&x.detach())?;
-    let beta = gamma.map(|g| g.zeros_like()).transpose()?;
-    let affine = gamma.zip(beta.as_ref());
-    let y = composed(xv.as_tensor(), groups, affine, eps)?;
-    let grads = (y * dy)?.sum_all()?.backward()?;
-    match grads.get(xv.as_tensor()) {
-        Some(dx) => Ok(dx.clone()),
-        None => x.zeros_like(),
     }
 }
 
@@ -200,6 +181,24 @@ impl GroupNormOp {
     fn dims(&self, l: &Layout) -> (usize, usize, usize, usize) {
         let d = l.dims();
         (d[0], d[1], d[2] * d[3], d[1] / self.groups)
+    }
+
+    /// dL/dx of [`composed`] through candle's autograd (other devices and dtypes).
+    fn composed_input_grad(
+        &self,
+        x: &Tensor,
+        gamma: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let xv = candle_core::Var::from_tensor(&x.detach())?;
+        let beta = gamma.map(|g| g.zeros_like()).transpose()?;
+        let affine = gamma.zip(beta.as_ref());
+        let y = composed(xv.as_tensor(), self.groups, affine, self.eps)?;
+        let grads = (y * dy)?.sum_all()?.backward()?;
+        match grads.get(xv.as_tensor()) {
+            Some(dx) => Ok(dx.clone()),
+            None => x.zeros_like(),
+        }
     }
 
     /// The native [`group_norm_input_grad_with_relus`]: CPU tensors of one float dtype.
