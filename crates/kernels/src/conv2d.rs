@@ -1,11 +1,11 @@
 //! 2-D convolution (square kernel, zero padding, no dilation, one group) as three candle custom
 //! ops: forward, input gradient and weight gradient, each im2col + gemm over the batch.
 
-use crate::element::{fast_path, Element};
+use crate::element::{fast_path, with_cpu_slices, Element};
 use crate::gemm_ops::{matmul, Op};
 use crate::im2col::{col2im, im2col, Geometry};
 use crate::parallel::{for_each_chunk, uninit_vec, Shared};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 /// y = conv2d(x, w) with stride `stride` and padding `padding`; uses the fast kernels for f32/f64
@@ -50,7 +50,30 @@ pub fn conv2d_input_grad(
     padding: usize,
     x_dims: &[usize],
 ) -> Result<Tensor> {
-    let fast = fast_path(dy) && dy.dtype() == w.dtype();
+    conv2d_input_grad_plus(dy, w, stride, padding, x_dims, None)
+}
+
+/// [`conv2d_input_grad`] + `plus` (shaped like the input), summed while the gradient is
+/// written: a residual connection's two gradients in one pass.
+pub fn conv2d_input_grad_plus(
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    x_dims: &[usize],
+    plus: Option<&Tensor>,
+) -> Result<Tensor> {
+    if let Some(p) = plus {
+        if p.dims() != x_dims {
+            candle_core::bail!(
+                "conv2d_input_grad: the addend {:?} is not shaped like the input {x_dims:?}",
+                p.dims()
+            );
+        }
+    }
+    let fast = fast_path(dy)
+        && dy.dtype() == w.dtype()
+        && plus.is_none_or(|p| fast_path(p) && p.dtype() == dy.dtype());
     let (c_out, _, k, _) = w.dims4()?;
     let (_, g) = geometry(x_dims, k, stride, padding)?;
     if (dy.dim(1)?, dy.dim(2)?, dy.dim(3)?) != (c_out, g.h_out(), g.w_out()) {
@@ -67,15 +90,39 @@ pub fn conv2d_input_grad(
             |size: usize, out: usize| size.saturating_sub((out - 1) * stride + k - 2 * padding);
         let (eh, ew) = (extra(g.h, g.h_out()), extra(g.w, g.w_out()));
         let dx = dy.conv_transpose2d(&w.detach(), padding, eh.max(ew), stride, 1)?;
-        return dx.narrow(2, 0, g.h)?.narrow(3, 0, g.w)?.contiguous();
+        let dx = dx.narrow(2, 0, g.h)?.narrow(3, 0, g.w)?.contiguous()?;
+        return match plus {
+            Some(p) => dx + p,
+            None => Ok(dx),
+        };
     }
-    dy.contiguous()?.apply_op2_no_bwd(
-        &w.contiguous()?,
-        &Grad {
-            g,
-            of: GradOf::Input,
-        },
-    )
+    let grad = Grad {
+        g,
+        of: GradOf::Input,
+    };
+    let (dy, w) = (dy.contiguous()?, w.contiguous()?);
+    let Some(plus) = plus else {
+        return dy.apply_op2_no_bwd(&w, &grad);
+    };
+    // No backward: the slices are read directly, without a custom op.
+    let plus = plus.contiguous()?;
+    let operands = [&dy, &w, &plus];
+    let (b, c_out) = (dy.dim(0)?, dy.dim(1)?);
+    let dx = match dy.dtype() {
+        DType::F32 => Tensor::new(
+            with_cpu_slices::<f32, _>(&operands, |s| {
+                input_grad_plus(s[0], s[1], b, c_out, g, Some(s[2]))
+            })?,
+            &Device::Cpu,
+        )?,
+        _ => Tensor::new(
+            with_cpu_slices::<f64, _>(&operands, |s| {
+                input_grad_plus(s[0], s[1], b, c_out, g, Some(s[2]))
+            })?,
+            &Device::Cpu,
+        )?,
+    };
+    dx.reshape(x_dims)
 }
 
 fn geometry(
@@ -164,6 +211,19 @@ fn forward<T: Element>(x: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) ->
 }
 
 fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry) -> Vec<T> {
+    input_grad_plus(dy, w, b, c_out, g, None)
+}
+
+/// dx, plus `plus` (same shape) when given: the scatter then starts from `plus` instead of zeros,
+/// and a pointwise gemm accumulates onto it, so the sum costs no pass of its own.
+fn input_grad_plus<T: Element>(
+    dy: &[T],
+    w: &[T],
+    b: usize,
+    c_out: usize,
+    g: Geometry,
+    plus: Option<&[T]>,
+) -> Vec<T> {
     // A stride-1 "same" convolution's input gradient is itself a forward convolution of dy with
     // the flipped, transposed kernel. When dy has fewer channels than x, unfolding dy is cheaper
     // than scattering the larger column matrix back with col2im.
@@ -178,7 +238,18 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry
             }
         }
         let gt = Geometry { c_in: c_out, ..g };
-        return forward(dy, &flipped, b, g.c_in, gt);
+        let mut dx = forward(dy, &flipped, b, g.c_in, gt);
+        if let Some(plus) = plus {
+            let ptr = Shared(dx.as_mut_ptr());
+            let block = g.c_in * g.h * g.w;
+            for_each_chunk(b, |range| {
+                // SAFETY: sample s owns dx[s·block..(s+1)·block].
+                let out = unsafe { ptr.slice(range.start * block, range.len() * block) };
+                let add = &plus[range.start * block..range.end * block];
+                out.iter_mut().zip(add).for_each(|(o, a)| *o += *a);
+            });
+        }
+        return dx;
     }
     let (rows, cols) = (g.rows(), g.cols());
     let in_len = g.c_in * g.h * g.w;
@@ -188,11 +259,19 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], b: usize, c_out: usize, g: Geometry
     let col_len = if g.is_pointwise() { 0 } else { rows * cols };
     per_sample(&mut dx, in_len, col_len, over_batch, |s, out, col| {
         let dys = &dy[s * c_out * cols..(s + 1) * c_out * cols];
+        let start = |out: &mut [T]| match plus {
+            Some(p) => out.copy_from_slice(&p[s * in_len..(s + 1) * in_len]),
+            None => out.fill(T::ZERO),
+        };
         if g.is_pointwise() {
-            matmul(out, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
+            let shape = (rows, cols, c_out);
+            if plus.is_some() {
+                start(out);
+            }
+            matmul(out, w, Op::T, dys, Op::N, shape, plus.is_some(), par);
         } else {
             matmul(col, w, Op::T, dys, Op::N, (rows, cols, c_out), false, par);
-            out.fill(T::ZERO);
+            start(out);
             col2im(col, &g, out);
         }
     });

@@ -30,7 +30,7 @@ pub mod upsample;
 
 pub use broyden::{BroydenHistory, BroydenStep};
 pub use choice::{active_kernels, with_kernels, KernelChoice, KERNELS_ENV};
-pub use conv2d::{conv2d, conv2d_input_grad};
+pub use conv2d::{conv2d, conv2d_input_grad, conv2d_input_grad_plus};
 pub use element::fast_path;
 pub use group_norm::{
     group_norm, group_norm_input_grad, group_norm_input_grad_with_relus, group_norm_relu,

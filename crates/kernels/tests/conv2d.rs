@@ -2,7 +2,7 @@
 //! shapes: non-square inputs, stride 2, channel counts that are not multiples of 8, batch 1.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mdeq_kernels::conv2d;
+use mdeq_kernels::{conv2d, conv2d_input_grad, conv2d_input_grad_plus};
 use mdeq_testkit::{hashed, max_rel};
 
 /// (batch, c_in, h, w, c_out, k, stride)
@@ -117,6 +117,44 @@ fn finite_difference_check(b: usize, ci: usize, h: usize, w: usize, co: usize, k
     }
 }
 
+fn input_grad_plus_adds_the_skip_gradient() -> mdeq_testkit::Result {
+    // Every path of the input gradient (scatter, pointwise gemm, the flipped forward of a
+    // channel-reducing 3×3, stride 2) against candle's transposed convolution where candle's
+    // own backward works (stride 1), plus the addend.
+    for &(b, ci, h, w, co, k, s) in CASES {
+        let p = k / 2;
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+            let case = (b, ci, h, w, co, k, s, dtype);
+            let x = Var::from_tensor(&hashed(&[b, ci, h, w], 1)?.to_dtype(dtype)?)?;
+            let wt = hashed(&[co, ci, k, k], 2)?.to_dtype(dtype)?;
+            let y = conv2d(x.as_tensor(), &wt, s, p)?;
+            let dy = hashed(y.dims(), 3)?.to_dtype(dtype)?;
+            let skip = hashed(&[b, ci, h, w], 4)?.to_dtype(dtype)?;
+            let ours = conv2d_input_grad_plus(&dy, &wt, s, p, x.dims(), Some(&skip))?;
+            let plain = (conv2d_input_grad(&dy, &wt, s, p, x.dims())? + &skip)?;
+            assert!(
+                max_rel(&ours, &plain)? < tol,
+                "ours without the addend {case:?}"
+            );
+            if s == 1 {
+                let reference = x.as_tensor().conv2d(&wt, p, s, 1, 1)?;
+                let g = (&reference * &dy)?.sum_all()?.backward()?;
+                let want = (g.get(x.as_tensor()).unwrap() + &skip)?;
+                assert!(max_rel(&ours, &want)? < tol, "candle {case:?}");
+            }
+        }
+    }
+    let (dy, wt) = (hashed(&[1, 2, 4, 4], 5)?, hashed(&[2, 3, 3, 3], 6)?);
+    let wrong = hashed(&[1, 3, 4, 5], 7)?;
+    let err = conv2d_input_grad_plus(&dy, &wt, 1, 1, &[1, 3, 4, 4], Some(&wrong)).unwrap_err();
+    assert!(
+        err.to_string().contains("not shaped like the input"),
+        "{err}"
+    );
+    Ok(())
+}
+
 fn bad_shapes_are_errors() -> mdeq_testkit::Result {
     let x = hashed(&[1, 3, 4, 4], 1)?;
     assert!(conv2d(&x, &hashed(&[2, 4, 3, 3], 2)?, 1, 1).is_err());
@@ -127,5 +165,6 @@ fn bad_shapes_are_errors() -> mdeq_testkit::Result {
 
 mdeq_testkit::on_every_kernel!(
     gradients_match_central_finite_differences,
+    input_grad_plus_adds_the_skip_gradient,
     bad_shapes_are_errors,
 );

@@ -112,7 +112,7 @@ impl ResidualBlock {
         }
         let dr1 = self.conv2.input_grad(&da2, tape.r1.dims())?;
         let da1 = self.gn1.input_grad_relu(&tape.a1, &tape.r1, &dr1)?;
-        ds + self.conv1.input_grad(&da1, &tape.z_dims)?
+        self.conv1.input_grad_plus(&da1, &tape.z_dims, &ds)
     }
 
     /// Weight norm computed once, optionally detached (see [`CellConv::prepared`]).

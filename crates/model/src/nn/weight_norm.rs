@@ -79,6 +79,13 @@ impl CellConv {
         let w = self.weight()?;
         mdeq_kernels::conv2d_input_grad(dy, w, 1, w.dim(2)? / 2, x_dims)
     }
+
+    /// `skip` + dL/dx for an input of `x_dims` given dL/dy, summed as the gradient is written
+    /// (the convolution's input also feeds a skip connection whose gradient is `skip`).
+    pub fn input_grad_plus(&self, dy: &Tensor, x_dims: &[usize], skip: &Tensor) -> Result<Tensor> {
+        let w = self.weight()?;
+        mdeq_kernels::conv2d_input_grad_plus(dy, w, 1, w.dim(2)? / 2, x_dims, Some(skip))
+    }
 }
 
 /// ‖v‖ over (C_in, kh, kw) for each output channel, shaped (O, 1, 1, 1).
