@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-30}
 BATCH=${BATCH:-128}
-CONFIG=${CONFIG:-configs/fashion-mnist-tiny.toml}
+CONFIG=${CONFIG:-configs/fashion-mnist-tiny-plain.toml}
 cargo build --release -q -p mdeq --features mpi
 BIN=$PWD/target/release/mdeq
 WORK=$(mktemp -d)
