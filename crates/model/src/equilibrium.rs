@@ -79,14 +79,9 @@ pub fn eval_forward(
     image: &Tensor,
     rt: &DeqRuntime,
 ) -> Result<(Tensor, Vec<Tensor>, SolverStats)> {
-    let EvalCell {
-        injection,
-        layout,
-        cell,
-        masks,
-    } = EvalCell::new(model, image)?;
-    let (z, stats) = solve_equilibrium(&cell, &injection, &masks, &layout, rt, None)?;
-    let z = layout.unflatten(&z)?;
+    let e = EvalCell::new(model, image)?;
+    let (z, stats) = solve_equilibrium(&e.cell, &e.injection, &e.masks, &e.layout, rt, None)?;
+    let z = e.layout.unflatten(&z)?;
     Ok((model.head(&z, false)?, z, stats))
 }
 
@@ -103,22 +98,17 @@ pub fn spectral_radius_at(
     seed: u64,
 ) -> Result<Vec<f64>> {
     use rand::SeedableRng;
-    let EvalCell {
-        injection,
-        layout,
-        cell,
-        masks,
-    } = EvalCell::new(model, image)?;
+    let e = EvalCell::new(model, image)?;
     let b = image.dim(0)?;
     let map = CellMap {
-        cell: &cell,
-        injection: &injection,
-        masks: &masks,
-        layout: &layout,
+        cell: &e.cell,
+        injection: &e.injection,
+        masks: &e.masks,
+        layout: &e.layout,
     };
-    let mut recorded = CellVjp::record(&map, &layout.flatten(z)?)?;
+    let mut recorded = CellVjp::record(&map, &e.layout.flatten(z)?)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let start = gaussian_probes(&mut rng, 1, (b, layout.size()), image.device())?.remove(0);
+    let start = gaussian_probes(&mut rng, 1, (b, e.layout.size()), image.device())?.remove(0);
     let start = start.to_dtype(image.dtype())?;
     spectral_radius(&mut |v: &Tensor| recorded.vjp(v), &start, iterations)
 }
@@ -126,13 +116,15 @@ pub fn spectral_radius_at(
 /// Pretraining-phase evaluation: `layers` weight-tied applications of f from zero, head in eval
 /// mode (reference §4.2; the official code validates this way while pretraining).
 pub fn unrolled_forward(model: &Mdeq, image: &Tensor, layers: usize) -> Result<Tensor> {
-    let EvalCell {
-        injection,
-        layout,
-        cell,
-        masks,
-    } = EvalCell::new(model, image)?;
-    let z = unroll(&cell, &injection, &masks, &layout, image.dim(0)?, layers)?;
+    let e = EvalCell::new(model, image)?;
+    let z = unroll(
+        &e.cell,
+        &e.injection,
+        &e.masks,
+        &e.layout,
+        image.dim(0)?,
+        layers,
+    )?;
     model.head(&z, false)
 }
 
