@@ -75,7 +75,10 @@ impl ComputeArgs {
             self.kernels.unwrap_or_else(active_kernels),
         )?;
         if world.is_distributed() {
-            eprintln!("{}: computing on {compute}", world.describe());
+            mdeq_distributed::eprint_whole_line(&format!(
+                "{}: computing on {compute}",
+                world.describe()
+            ));
         } else {
             eprintln!("computing on {compute}");
         }

@@ -30,7 +30,7 @@ pub fn run(args: Args) -> Result<()> {
         if world.is_distributed() {
             // The other ranks wait in a collective that this rank will never join: end them
             // all now, with the cause on stderr.
-            eprintln!("error on {}: {e:#}", world.describe());
+            mdeq_distributed::eprint_whole_line(&format!("error on {}: {e:#}", world.describe()));
             world.abort(2);
         }
     }

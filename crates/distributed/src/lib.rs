@@ -23,4 +23,4 @@ pub use collective::{Collective, Reduce, SingleProcess};
 pub use launch::{join, LaunchError};
 pub use replica_sum::replica_sum;
 pub use shard::Shard;
-pub use world::World;
+pub use world::{eprint_whole_line, World};

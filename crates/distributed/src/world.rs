@@ -129,3 +129,13 @@ impl World {
         self.collective.abort(code)
     }
 }
+
+/// Writes `line` and its newline to stderr in one write, so that the lines of ranks sharing a
+/// terminal or pipe do not interleave mid-line (`eprintln!` writes each formatted piece
+/// separately, and stderr is unbuffered).
+pub fn eprint_whole_line(line: &str) {
+    use std::io::Write;
+    let text = format!("{line}\n");
+    // Nothing is left to report a failed write of the error report to.
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
